@@ -1,0 +1,30 @@
+"""Command line: ``python -m flare_c2f_extensions <command> --help``."""
+
+from __future__ import annotations
+
+
+def phantom(out: str, n: int = 4, seed: int = 0, **options):
+    """Write a synthetic FLARE22-layout cohort (see ``flare_c2f_extensions.phantom.write_cohort``)."""
+    from .phantom import write_cohort
+
+    return write_cohort(out, n=n, seed=seed, **options)
+
+
+def network_info(spatial_size: int = 128, **network_args):
+    """Parameter count and FLOPs of the ResUNet-ASPP (defaults: the paper-size network)."""
+    from .networks import describe
+
+    return describe(spatial_size=spatial_size, **network_args)
+
+
+COMMANDS = {"phantom": phantom, "network_info": network_info}
+
+
+def main():
+    import fire
+
+    fire.Fire(COMMANDS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""FLARE22 label ids, organ names, cascade stage groups and NSD tolerances.
+
+The one source of truth: configs and code read these names, nothing repeats them.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+# FLARE22 label id -> organ name.
+ORGANS = MappingProxyType(
+    {
+        1: "liver",
+        2: "right_kidney",
+        3: "spleen",
+        4: "pancreas",
+        5: "aorta",
+        6: "inferior_vena_cava",
+        7: "right_adrenal_gland",
+        8: "left_adrenal_gland",
+        9: "gallbladder",
+        10: "esophagus",
+        11: "stomach",
+        12: "duodenum",
+        13: "left_kidney",
+    }
+)
+ORGAN_IDS = MappingProxyType({name: label for label, name in ORGANS.items()})
+NUM_ORGANS = len(ORGANS)
+NUM_CLASSES = NUM_ORGANS + 1  # background + organs
+
+# Cascade stage groups (FLARE ids, in the order of the stage's local ids 1..k).
+GROUPS = MappingProxyType(
+    {
+        "solid": (1, 2, 3, 13),
+        "digestive": (4, 11, 12),
+        "vessels": (5, 6),
+        "small": (7, 8, 9, 10),
+    }
+)
+
+# Normalised surface Dice tolerance per organ in millimetres (FLARE22 evaluation).
+NSD_TOLERANCE_MM = MappingProxyType(
+    {1: 5, 2: 3, 3: 3, 4: 5, 5: 2, 6: 2, 7: 2, 8: 2, 9: 2, 10: 3, 11: 5, 12: 7, 13: 3}
+)
+
+# Organs whose masks are cut to the ground truth's slice range on array axis 2 before scoring
+# (FLARE22 evaluation: aorta, inferior vena cava, esophagus).
+SLAB_ORGANS = (5, 6, 10)
+
+
+def group_of(label: int) -> str:
+    """Name of the stage group that holds FLARE id ``label``."""
+    for name, members in GROUPS.items():
+        if label in members:
+            return name
+    raise KeyError(f"{label} is not a FLARE22 organ id (1..{NUM_ORGANS})")
+
+
+def organ_id(name_or_id: str | int) -> int:
+    """FLARE id of an organ given by name (``"gallbladder"``) or id (``9``)."""
+    if isinstance(name_or_id, str) and not name_or_id.isdigit():
+        if name_or_id not in ORGAN_IDS:
+            raise KeyError(f"unknown organ {name_or_id!r}; known organs: {', '.join(ORGAN_IDS)}")
+        return ORGAN_IDS[name_or_id]
+    label = int(name_or_id)
+    if label not in ORGANS:
+        raise KeyError(f"{label} is not a FLARE22 organ id (1..{NUM_ORGANS})")
+    return label
+
+
+def channel_def(labels: tuple[int, ...] | None = None) -> dict[str, str]:
+    """Channel meaning of a stage's output: background + ``labels`` (all organs by default)."""
+    labels = tuple(ORGANS) if labels is None else tuple(labels)
+    return {"0": "background", **{str(i + 1): ORGANS[label] for i, label in enumerate(labels)}}
