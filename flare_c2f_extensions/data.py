@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -147,20 +148,34 @@ def split_cases(cases: Sequence[dict], num_val: int) -> tuple[list[dict], list[d
     return list(cases[:-num_val]), list(cases[-num_val:])
 
 
-def write_nifti_atomic(image: nib.Nifti1Image, path: str | os.PathLike) -> Path:
-    """Write ``image`` to ``path`` through a temporary file in the same folder, so ``path`` is never partial."""
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error it is removed.
+
+    So ``path`` is either the old file, no file, or the whole new file: never a partial one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
+    suffix = "".join(path.suffixes[-2:]) or ".tmp"  # keep .nii.gz so writers pick the format
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        nib.save(image, tmp)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def write_nifti_atomic(image: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+    return Path(path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        handle.write(text)
+    return Path(path)
 
 
 def save_label_map(labels: np.ndarray, reference: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
