@@ -1,6 +1,6 @@
 """Extensions that the flare22_* MONAI bundles reference: labels, network, transforms, data, cascade, metrics."""
 
-from . import labels
+from . import data, labels, metrics, networks, transforms
 
 __version__ = "0.1.0"
-__all__ = ["labels", "__version__"]
+__all__ = ["data", "labels", "metrics", "networks", "transforms", "__version__"]

@@ -17,7 +17,21 @@ def network_info(spatial_size: int = 128, **network_args):
     return describe(spatial_size=spatial_size, **network_args)
 
 
-COMMANDS = {"phantom": phantom, "network_info": network_info}
+def evaluate(pred: str, gt: str, out: str):
+    """FLARE22 DSC and NSD of the label maps in ``pred`` against ``gt``; writes metrics.csv and summary.json."""
+    from .metrics import evaluate_folder, format_summary
+
+    print(format_summary(evaluate_folder(pred, gt, out)))
+
+
+def quickstart(out: str = "./quickstart", **options):
+    """Generate a cohort, train briefly, segment held-out cases and evaluate them, on the CPU."""
+    from .quickstart import quickstart as run
+
+    run(out, **options)
+
+
+COMMANDS = {"quickstart": quickstart, "phantom": phantom, "evaluate": evaluate, "network_info": network_info}
 
 
 def main():

@@ -1,0 +1,49 @@
+"""Shared fixtures: a small generated cohort and helpers that run a bundle config the MONAI way."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Tiny network and grid for CPU tests; set through config overrides only, as a user would.
+TINY = {
+    "spatial_size": [32, 32, 32],
+    "network_def#channels": [4, 8, 8, 8, 8],
+    "num_workers": 0,
+}
+TINY_TRAIN = {**TINY, "batch_size": 2, "num_val": 1, "max_epochs": 1, "val_interval": 1}
+
+
+def bundle_workflow(bundle: str, configs, workflow_type, bundle_root, **overrides):
+    """A ``ConfigWorkflow`` of ``bundles/<bundle>`` with ``configs`` (one name or a list, later ones overlay)."""
+    from monai.bundle import ConfigWorkflow
+
+    config_dir = BUNDLES / bundle / "configs"
+    names = [configs] if isinstance(configs, str) else list(configs)
+    return ConfigWorkflow(
+        config_file=[str(config_dir / n) for n in names],
+        meta_file=str(config_dir / "metadata.json"),
+        logging_file=str(config_dir / "logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(bundle_root),
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory):
+    """Four small training cases (RAS and LPS alternate) and two held-out cases in the FLARE layout."""
+    from flare_c2f_extensions.phantom import write_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    write_cohort(out, n=4, n_test=2, seed=7, shape=(48, 48, 32))
+    return out
