@@ -140,6 +140,24 @@ def labelled_cases(
     return cases
 
 
+def attach_masks(cases: Sequence[dict], mask_dir: str | os.PathLike, key: str = "coarse") -> list[dict]:
+    """Add ``case[key] = mask_dir/<case>.nii.gz`` (e.g. the coarse stage's label maps) to each case.
+
+    Each mask must exist and have its image's shape.
+    """
+    mask_dir = _existing_dir(mask_dir, f"{key} mask")
+    paired = []
+    for case in cases:
+        mask = mask_dir / f"{case_name(case['image'])}.nii.gz"
+        if not mask.is_file():
+            raise InputError(f"{mask}: {key} mask for {case['image']} does not exist")
+        image_shape, mask_shape = check_volume(case["image"]), check_volume(mask, f"{key} mask")
+        if image_shape != mask_shape:
+            raise InputError(f"{mask}: {key} mask shape {mask_shape} differs from its image's {image_shape}")
+        paired.append({**case, key: str(mask)})
+    return paired
+
+
 def split_cases(cases: Sequence[dict], num_val: int) -> tuple[list[dict], list[dict]]:
     """Deterministic split: the last ``num_val`` cases validate, the rest train."""
     num_val = int(num_val)

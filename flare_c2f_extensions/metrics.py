@@ -200,16 +200,18 @@ def _nifti_cases(folder: str | os.PathLike, role: str) -> dict[str, Path]:
     return dict(sorted(cases.items()))
 
 
-def evaluate_folder(pred: str, gt: str | Sequence[str], out: str) -> dict:
+def evaluate_folder(pred: str, gt: str | Sequence[str], out: str, labels: Iterable[int] | None = None) -> dict:
     """Score every ``gt/<case>.nii.gz`` against ``pred/<case>.nii.gz``; write metrics.csv and summary.json.
 
-    ``gt`` is a folder of ground-truth label maps or a list of their paths (e.g. a bundle's validation cases).
+    ``gt`` is a folder of ground-truth label maps or a list of their paths (e.g. a bundle's validation cases);
+    ``labels`` limits the scoring to some organs (e.g. a stage's group; default all 13).
 
     A case without a prediction is scored as an empty prediction and listed under ``missing_predictions``.
     ``out/metrics.csv`` has one row per case (``case``, then ``<organ>_DSC``, ``<organ>_NSD`` for the 13
     organs); ``out/summary.json`` the per-organ means over cases, the 13-organ means, the number of cases and
     the missing cases. Both files are written atomically. Returns the summary.
     """
+    scored = tuple(ORGANS) if labels is None else tuple(int(label) for label in labels)
     if isinstance(gt, (str, os.PathLike)):
         gt_cases = _nifti_cases(gt, "ground truth")
     else:
@@ -223,20 +225,21 @@ def evaluate_folder(pred: str, gt: str | Sequence[str], out: str) -> dict:
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     for case in _progress(gt_cases, desc="evaluate"):
         if case in pred_cases:
-            rows[case] = evaluate_case(pred_cases[case], gt_cases[case])
+            rows[case] = evaluate_case(pred_cases[case], gt_cases[case], scored)
         else:
             gt_map, spacing, _ = load_label_map(gt_cases[case])
-            rows[case] = organ_scores(np.zeros_like(gt_map), gt_map, spacing)
+            rows[case] = organ_scores(np.zeros_like(gt_map), gt_map, spacing, scored)
 
-    header = ["case"] + [f"{ORGANS[label]}_{kind}" for label in ORGANS for kind in ("DSC", "NSD")]
+    header = ["case"] + [f"{ORGANS[label]}_{kind}" for label in scored for kind in ("DSC", "NSD")]
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(header)
     for case, scores in rows.items():
-        writer.writerow([case] + [f"{value:.{DECIMALS}f}" for label in ORGANS for value in scores[label]])
+        writer.writerow([case] + [f"{value:.{DECIMALS}f}" for label in scored for value in scores[label]])
 
     organs = {}
-    for label, name in ORGANS.items():
+    for label in scored:
+        name = ORGANS[label]
         organs[name] = {
             "DSC": float(np.mean([scores[label][0] for scores in rows.values()])),
             "NSD": float(np.mean([scores[label][1] for scores in rows.values()])),
@@ -285,6 +288,7 @@ def format_summary(summary: dict) -> str:
     lines = [f"{'organ':<22}{'DSC':>8}{'NSD':>8}"]
     for name, organ in summary["organs"].items():
         lines.append(f"{name:<22}{organ['DSC']:>8.4f}{organ['NSD']:>8.4f}")
-    lines.append(f"{'mean (13 organs)':<22}{summary['mean_DSC']:>8.4f}{summary['mean_NSD']:>8.4f}")
+    mean = f"mean ({len(summary['organs'])} organs)"
+    lines.append(f"{mean:<22}{summary['mean_DSC']:>8.4f}{summary['mean_NSD']:>8.4f}")
     lines.append(f"{summary['num_cases']} case(s); missing predictions: {len(summary['missing_predictions'])}")
     return "\n".join(lines)

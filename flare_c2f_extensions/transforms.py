@@ -665,6 +665,25 @@ class RandCropFromMaskd(_BoxJitter, CropFromMaskd):
         return self._extra_margin_mm, self._shift_mm
 
 
+class ClearIfSkippedd(MapTransform):
+    """Set ``keys`` to background where the stage was skipped (``d[skipped_key]`` from :class:`CropFromMaskd`).
+
+    A skipped stage still runs its network on the whole volume (so batches keep one shape); its output must
+    not count.
+    """
+
+    def __init__(self, keys: KeysCollection, skipped_key: str = SKIPPED_META_KEY, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.skipped_key = skipped_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if bool(d.get(self.skipped_key, False)):
+            for key in self.key_iterator(d):
+                d[key] = d[key] * 0
+        return d
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Label remap between FLARE ids and a stage's local ids
 # ---------------------------------------------------------------------------------------------------------------
