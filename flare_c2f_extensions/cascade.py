@@ -1,0 +1,434 @@
+"""The whole coarse-to-fine cascade in one process: load once, every network resident, fuse inside boxes.
+
+Per case (DESIGN.md, "The pipeline"):
+
+1. the CT is read once, reoriented to RAS, clipped to [-100, 300] HU and scaled to [0, 1] on the device;
+2. the coarse network sees the whole volume at 128^3; its argmax stays on that grid;
+3. each big-organ group crops the box of its organs in the coarse mask (plus margin) from the full-resolution
+   volume, resizes it to 160^3 and predicts its organs;
+4. the locator crops the abdomen (all coarse foreground plus margin) at 128^3 and finds the small organs;
+   each refiner crops a box around its organ as located (with an organ-specific minimum size) at 128^3;
+5. every stage's class probabilities are resized back (linear) to its box in the original grid, one channel at a
+   time, and fused: where an organ is claimed by several stages, the higher probability wins. Only the uint8
+   label map and a float confidence map exist at full resolution;
+6. the largest connected component of each organ is kept, the label map is reoriented back to the input's
+   array layout and written as ``<case>.nii.gz`` with exactly the input's affine.
+
+Each stage is built from its bundle's ``configs/inference.json`` (network, grid, organs, margins), so the
+cascade and the stage bundles cannot drift apart: the same ``CropFromMask`` computes every box.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from tqdm.auto import tqdm
+
+from .data import InputError, case_name, check_volume, save_label_map, write_text_atomic
+from .efficiency import ResourceMonitor
+from .labels import GROUPS, ORGANS, organ_id
+from .transforms import (
+    CropFromMask,
+    box_affine,
+    box_slices,
+    box_size,
+    crop_resize,
+    fov_affine,
+    keep_largest_component,
+    resize_spatial,
+)
+
+logger = logging.getLogger(__name__)
+
+HU_RANGE = (-100.0, 300.0)
+STAGE_BUNDLES = {
+    "coarse": "flare22_coarse",
+    "solid": "flare22_fine_solid",
+    "digestive": "flare22_fine_digestive",
+    "vessels": "flare22_fine_vessels",
+    "locator": "flare22_small_locator",
+    "refiner": "flare22_small_refiner",
+}
+
+
+@dataclass
+class Stage:
+    """One network of the cascade and the geometry of its input.
+
+    ``labels``: FLARE ids of output channels 1..k (channel 0 is background). ``cropper``: computes the box in
+    the full-resolution grid from a guiding mask (``None`` for the whole-volume coarse stage).
+    """
+
+    name: str
+    network: torch.nn.Module
+    spatial_size: tuple[int, int, int]
+    labels: tuple[int, ...]
+    cropper: CropFromMask | None = None
+
+    def predict(self, x: torch.Tensor, amp: bool) -> torch.Tensor:
+        """Softmax probabilities (1, k+1, *spatial_size) for one channel-first input already on the grid."""
+        device_type = x.device.type
+        autocast = torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+        with autocast if amp else contextlib.nullcontext():
+            logits = self.network(x[None])
+        return torch.softmax(logits.float(), dim=1)
+
+
+def _load_stage_config(bundle_dir: str | os.PathLike, overrides: Mapping | None = None):
+    from monai.bundle import ConfigParser
+
+    bundle_dir = Path(bundle_dir)
+    config = bundle_dir / "configs" / "inference.json"
+    if not config.is_file():
+        raise InputError(f"{config}: stage bundle config does not exist")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser["bundle_root"] = str(bundle_dir)
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
+def load_stage(
+    name: str,
+    bundle_dir: str | os.PathLike,
+    device: torch.device | str,
+    overrides: Mapping | None = None,
+    weights: str | os.PathLike | None = None,
+    require_weights: bool = True,
+) -> Stage:
+    """Build a stage from its bundle: ``network_def`` with the checkpoint at ``ckpt_path`` (or ``weights``).
+
+    ``require_weights=False`` keeps the random (He-normal) initialisation when no checkpoint exists, for
+    timing benchmarks; real use always loads weights.
+    """
+    parser = _load_stage_config(bundle_dir, overrides)
+    network = parser.get_parsed_content("network_def")
+    checkpoint = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        network.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
+    elif require_weights:
+        raise InputError(f"{checkpoint}: no weights for the {name} stage (train it with its configs/train.json)")
+    else:
+        logger.warning("%s: no weights at %s, using random initialisation", name, checkpoint)
+    network = network.to(device).eval()
+    spatial_size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
+    if name == "coarse":
+        return Stage(name, network, spatial_size, tuple(range(1, int(parser.get_parsed_content("num_classes")))))
+    labels = tuple(int(v) for v in parser.get_parsed_content("labels"))
+    box_labels = None if name == "locator" else labels
+    min_size = parser.get_parsed_content("min_size_mm") if "min_size_mm" in parser else None
+    cropper = CropFromMask(box_labels, spatial_size, parser.get_parsed_content("margin_mm"), min_size, mask_grid="affine")
+    return Stage(name, network, spatial_size, labels, cropper)
+
+
+@dataclass
+class CaseResult:
+    """What segmenting one case produced: the label map in the input's array layout and per-stage seconds."""
+
+    labels: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+class Cascade:
+    """The cascade's networks, resident on one device; :meth:`segment` runs one case.
+
+    Build it from the stage bundles with :meth:`from_bundles`. ``amp``: autocast (fp16 on CUDA, bf16 on CPU).
+    """
+
+    def __init__(
+        self,
+        coarse: Stage,
+        groups: Sequence[Stage],
+        locator: Stage | None,
+        refiners: Sequence[Stage],
+        device: torch.device | str = "cpu",
+        amp: bool | None = None,
+        largest_component: bool = True,
+    ):
+        self.coarse, self.groups, self.locator, self.refiners = coarse, list(groups), locator, list(refiners)
+        self.device = torch.device(device)
+        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
+        self.largest_component = largest_component
+
+    @classmethod
+    def from_bundles(
+        cls,
+        bundles_dir: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+        amp: bool | None = None,
+        stage_overrides: Mapping[str, Mapping] | None = None,
+        stage_dirs: Mapping[str, str | os.PathLike] | None = None,
+        small_organs: Sequence[str | int] | None = None,
+        require_weights: bool = True,
+        largest_component: bool = True,
+    ) -> Cascade:
+        """Load every stage from its bundle folder (siblings in ``bundles_dir`` unless ``stage_dirs`` says otherwise).
+
+        ``stage_overrides``: config overrides per stage name (``coarse``, ``solid``, ``digestive``, ``vessels``,
+        ``locator``, ``refiner``), e.g. a small network; ``small_organs``: the organs that get a refiner
+        (default the four small organs).
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        bundles_dir = Path(bundles_dir) if bundles_dir is not None else Path(__file__).resolve().parents[1] / "bundles"
+        dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
+        dirs.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
+        overrides = dict(stage_overrides or {})
+
+        def stage(name, extra=None):
+            merged = {**overrides.get(name, {}), **(extra or {})}
+            return load_stage(name, dirs[name], device, merged, require_weights=require_weights)
+
+        organs = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
+        return cls(
+            coarse=stage("coarse"),
+            groups=[stage(group) for group in ("solid", "digestive", "vessels")],
+            locator=stage("locator") if organs else None,
+            refiners=[stage("refiner", {"organ": ORGANS[o]}) for o in organs],
+            device=device,
+            amp=amp,
+            largest_component=largest_component,
+        )
+
+    # -- one case --------------------------------------------------------------------------------------------
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def segment(self, path: str | os.PathLike) -> CaseResult:
+        """Segment the CT at ``path``; returns the uint8 label map in the file's own array layout."""
+        seconds: dict[str, float] = {}
+        skipped: list[str] = []
+        clock = time.perf_counter()
+
+        def lap(name):
+            nonlocal clock
+            self._sync()
+            now = time.perf_counter()
+            seconds[name] = seconds.get(name, 0.0) + now - clock
+            clock = now
+
+        image, ornt = read_ct(path, self.device)
+        shape = tuple(image.shape[1:])
+        lap("load")
+
+        coarse_grid = self.coarse.spatial_size
+        coarse_probs = self.coarse.predict(resize_spatial(image, coarse_grid, "trilinear"), self.amp)
+        coarse = _guide(coarse_probs[0].argmax(0, keepdim=True).to(torch.uint8), _fov_affine_of(image, coarse_grid))
+        del coarse_probs
+        lap("coarse")
+
+        labels = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+        confidence = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        for stage in self.groups:
+            if not self._run_stage(stage, image, coarse, labels, confidence):
+                skipped.append(stage.name)
+            lap(stage.name)
+
+        if self.locator is not None:
+            located = self._locate(image, coarse)
+            lap("locator")
+            for stage in self.refiners:
+                if located is None or not self._run_stage(stage, image, located, labels, confidence):
+                    skipped.append(f"refiner:{stage.labels[0]}")
+                lap(f"refiner_{stage.labels[0]}")
+        del confidence, image
+
+        result = labels.cpu().numpy()
+        if self.largest_component:
+            result = keep_largest_component(result)
+        result = nib.orientations.apply_orientation(result, ornt)
+        lap("postprocess")
+        return CaseResult(np.ascontiguousarray(result), seconds, skipped)
+
+    def _run_stage(self, stage: Stage, image, guide, labels, confidence) -> bool:
+        """Crop, predict, resize back and fuse one stage; ``False`` if its organs are not in the guide."""
+        box = stage.cropper.compute_box(image, guide)
+        if box is None:
+            stage.cropper.warn_skipped()
+            return False
+        probs = stage.predict(crop_resize(image, box, stage.spatial_size, "trilinear"), self.amp)[0]
+        _fuse(probs, box, stage.labels, labels, confidence)
+        return True
+
+    def _locate(self, image, coarse) -> MetaTensor | None:
+        """The locator's small-organ mask (FLARE ids) on its own grid, with the affine that places it."""
+        box = self.locator.cropper.compute_box(image, coarse)
+        if box is None:
+            self.locator.cropper.warn_skipped()
+            return None
+        probs = self.locator.predict(crop_resize(image, box, self.locator.spatial_size, "trilinear"), self.amp)
+        local = probs[0].argmax(0, keepdim=True)
+        lut = torch.tensor((0,) + self.locator.labels, dtype=torch.uint8, device=local.device)
+        affine = _affine_of(image) @ box_affine(box, self.locator.spatial_size)
+        return _guide(lut[local], affine)
+
+
+def _fuse(probs: torch.Tensor, box, stage_labels: Sequence[int], labels, confidence) -> None:
+    """Resize ``probs`` (k+1 channels on the stage grid) to the box one channel at a time; write organ claims
+    that beat the current confidence."""
+    size = box_size(box)
+    best_p = resize_spatial(probs[0:1], size, "trilinear")[0]
+    best_c = torch.zeros(size, dtype=torch.uint8, device=probs.device)
+    for channel in range(1, probs.shape[0]):
+        p = resize_spatial(probs[channel : channel + 1], size, "trilinear")[0]
+        better = p > best_p
+        best_p = torch.where(better, p, best_p)
+        best_c[better] = channel
+    region = box_slices(box)
+    lut = torch.tensor((0,) + tuple(stage_labels), dtype=torch.uint8, device=probs.device)
+    claim = (best_c > 0) & (best_p > confidence[region])
+    labels[region] = torch.where(claim, lut[best_c.long()], labels[region])
+    confidence[region] = torch.where(claim, best_p, confidence[region])
+
+
+def _affine_of(image: MetaTensor) -> np.ndarray:
+    return np.asarray(image.affine, dtype=np.float64)
+
+
+def _fov_affine_of(image: MetaTensor, grid: Sequence[int]) -> np.ndarray:
+    """World affine of a grid of size ``grid`` spanning the image's field of view (what ``Resized`` records)."""
+    return _affine_of(image) @ fov_affine(grid, image.shape[1:])
+
+
+def _guide(mask: torch.Tensor, affine: np.ndarray) -> MetaTensor:
+    return MetaTensor(mask, affine=torch.as_tensor(affine, dtype=torch.float64))
+
+
+def read_ct(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[MetaTensor, np.ndarray]:
+    """Read a CT once: (1, X, Y, Z) float32 in [0, 1] on ``device``, reoriented to RAS, with its RAS affine.
+
+    Also returns the orientation transform that takes a RAS array back to the file's array layout. HU are
+    clipped to [-100, 300] and scaled to [0, 1], as ``ScaleIntensityRanged`` does in the stage bundles.
+    """
+    check_volume(path)
+    try:
+        nifti = nib.load(str(path))
+        data = np.asarray(nifti.dataobj, dtype=np.float32)
+    except Exception as error:
+        raise InputError(f"{path}: cannot read the image data ({error})") from None
+    data = data.reshape(data.shape[:3])
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: image holds NaN or infinite voxels")
+    ornt = nib.orientations.io_orientation(nifti.affine)
+    ras = nib.orientations.apply_orientation(data, ornt)
+    ras_affine = nifti.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    tensor = torch.from_numpy(np.ascontiguousarray(ras)).to(device)
+    low, high = HU_RANGE
+    tensor = ((tensor.clamp_(low, high) - low) / (high - low))[None]
+    return MetaTensor(tensor, affine=torch.as_tensor(ras_affine, dtype=torch.float64)), back
+
+
+def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir: str | os.PathLike) -> CaseResult:
+    """Segment one CT and write ``output_dir/<case>.nii.gz`` atomically."""
+    result = cascade.segment(image_path)
+    save_label_map(result.labels, image_path, output_dir)
+    return result
+
+
+__all__ = ["Cascade", "CaseResult", "Stage", "load_stage", "read_ct", "segment_to_file", "STAGE_BUNDLES"]
+
+
+class CascadeRunner:
+    """Segment a batch of CTs with one :class:`Cascade`: progress bar, one bad case never stops the others,
+    atomic outputs, finished cases skipped on a rerun unless ``overwrite``, and an efficiency report.
+
+    ``dataset``: ``[{"image": path}, ...]`` (``data.find_images``) or paths. Writes ``output_dir/<case>.nii.gz``
+    and ``output_dir/efficiency.json`` / ``efficiency.csv`` (per case: status, seconds by stage, peak RSS, GPU
+    peak and memory-time area, CPU-time area). ``run()`` returns the report.
+    """
+
+    def __init__(
+        self,
+        cascade: Cascade,
+        dataset: Sequence,
+        output_dir: str | os.PathLike,
+        overwrite: bool = False,
+        progress: bool = True,
+        report_name: str = "efficiency",
+    ):
+        self.cascade = cascade
+        self.images = [item["image"] if isinstance(item, Mapping) else item for item in dataset]
+        self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
+        self.progress = progress
+        self.report_name = report_name
+
+    def run(self) -> dict:
+        cases = []
+        bar = tqdm(self.images, desc="cascade", unit="case", disable=not self.progress)
+        for image in bar:
+            name = case_name(image)
+            bar.set_postfix_str(name)
+            output = self.output_dir / f"{name}.nii.gz"
+            if output.exists() and not self.overwrite:
+                cases.append({"case": name, "status": "exists"})
+                continue
+            try:
+                with ResourceMonitor(self.cascade.device) as monitor:
+                    result = segment_to_file(self.cascade, image, self.output_dir)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as error:  # one bad case must not stop the batch
+                message = str(error) if isinstance(error, InputError) else f"{image}: {type(error).__name__}: {error}"
+                logger.error("failed: %s", message)
+                cases.append({"case": name, "status": "failed", "error": message})
+                continue
+            cases.append(
+                {
+                    "case": name,
+                    "status": "done",
+                    **monitor.usage.as_dict(),
+                    "stage_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+                    "skipped_stages": result.skipped,
+                }
+            )
+        report = _summarise(cases, self.cascade.device)
+        _write_report(report, self.output_dir, self.report_name)
+        failed = [case for case in cases if case["status"] == "failed"]
+        if failed:
+            logger.error("%d of %d case(s) failed: %s", len(failed), len(cases), ", ".join(c["case"] for c in failed))
+        return report
+
+
+def _summarise(cases: list[dict], device: torch.device) -> dict:
+    done = [case for case in cases if case["status"] == "done"]
+    summary = {"device": str(device), "cases": cases, "num_done": len(done)}
+    summary["num_failed"] = sum(case["status"] == "failed" for case in cases)
+    summary["num_existing"] = sum(case["status"] == "exists" for case in cases)
+    if done:
+        for key in ("seconds", "peak_rss_mb", "peak_gpu_mb", "gpu_mb_seconds", "cpu_percent_seconds"):
+            summary[f"mean_{key}"] = round(float(np.mean([case[key] for case in done])), 2)
+        summary["max_peak_rss_mb"] = max(case["peak_rss_mb"] for case in done)
+    return summary
+
+
+def _write_report(report: dict, output_dir: Path, name: str) -> None:
+    stages = sorted({stage for case in report["cases"] for stage in case.get("stage_seconds", {})})
+    columns = ["case", "status", "seconds", "peak_rss_mb", "peak_gpu_mb", "gpu_mb_seconds", "cpu_percent_seconds"]
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(columns + [f"{stage}_seconds" for stage in stages] + ["error"])
+    for case in report["cases"]:
+        times = case.get("stage_seconds", {})
+        writer.writerow([case.get(c, "") for c in columns] + [times.get(s, "") for s in stages] + [case.get("error", "")])
+    write_text_atomic(table.getvalue(), output_dir / f"{name}.csv")
+    write_text_atomic(json.dumps(report, indent=4) + "\n", output_dir / f"{name}.json")
