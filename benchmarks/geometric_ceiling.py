@@ -7,15 +7,15 @@ clinical-size case:
 - preprocessing as the bundles do it: the label map is written as NIfTI, loaded with ``LoadImage`` and reoriented
   to RAS with ``Orientation``; every path's result is mapped back with ``Orientation.inverse`` and compared with
   the generated label map in its stored (e.g. LPS) orientation;
-- ``coarse``: the whole volume to 128^3 with MONAI ``Resize(mode="nearest")`` and back with its inverse (what
-  ``Invertd(nearest_interp=True)`` does);
+- ``coarse``: the whole volume to 128^3 with ``ResizeToGridd(mode="nearest")`` and back with its inverse (the
+  coarse bundle's training target and ``Invertd(nearest_interp=True)``);
 - ``group``: ``CropFromMask`` of each group's organs + 15 mm at 160^3, nearest, inverted by the transform;
 - ``locator``: the abdomen ROI (all foreground + 10 mm) at 128^3, scored on the small organs;
 - ``refiner``: a box around each small organ + 10 mm, grown to the organ's minimum size, at 128^3;
 - ``+lin``: the fine paths again, but the crop's label map (the nearest-resized training target) is turned into
   one-hot probabilities and resized back *linearly* inside the box, then argmax -- how the cascade fuses;
-- ``+soft``: one-hot resized linearly both ways (the ceiling of a stage that predicts partial-volume
-  probabilities, e.g. one trained on linearly resized one-hot targets).
+- ``+soft``: the bundles' training target (``CropFromMask`` mode ``"soft"``: one-hot resized linearly) resized
+  back linearly and argmax -- the ceiling of the stages as they are trained and fused.
 
 DSC is plain 2|A∩B|/(|A|+|B|) on the whole volume (no FLARE slab cut, so the tube ends count too).
 
@@ -33,11 +33,18 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, Orientation, Resize
+from monai.transforms import LoadImage, Orientation
 
 from flare_c2f_extensions import labels as L
 from flare_c2f_extensions import phantom
-from flare_c2f_extensions.transforms import CropFromMask, box_size, box_slices, paste_into, remap_labels, resize_spatial
+from flare_c2f_extensions.transforms import (
+    CropFromMask,
+    ResizeToGridd,
+    box_size,
+    paste_into,
+    remap_labels,
+    resize_spatial,
+)
 
 COARSE_SIZE, GROUP_SIZE, SMALL_SIZE = 128, 160, 128
 GROUP_MARGIN_MM = 15.0  # margin_mm of bundles/flare22_fine_*/configs
@@ -95,9 +102,8 @@ def crop_path(gt_ras: MetaTensor, box_labels, stage, size, margin_mm, min_size_m
         return remap_labels(back.as_tensor()[0], stage, to_local=False), box
     if variant == "lin":
         probs = _one_hot(remap_labels(cropper.crop(gt_ras, box).as_tensor()[0], stage), k)
-    elif variant == "soft":
-        local = remap_labels(gt_ras.as_tensor()[0][box_slices(box)], stage)
-        probs = resize_spatial(_one_hot(local, k), (size,) * 3, "trilinear")
+    elif variant == "soft":  # the bundles' training target (CropFromMask mode "soft"), fused back linearly
+        probs = CropFromMask(stage, size, margin_mm, min_size_mm, mode="soft").crop(gt_ras, box).as_tensor()
     else:
         raise ValueError(f"unknown variant {variant!r}")
     lab = resize_spatial(probs, box_size(box), "trilinear").argmax(0).to(torch.uint8)
@@ -105,8 +111,8 @@ def crop_path(gt_ras: MetaTensor, box_labels, stage, size, margin_mm, min_size_m
 
 
 def coarse_path(gt_ras: MetaTensor) -> torch.Tensor:
-    resize = Resize(spatial_size=(COARSE_SIZE,) * 3, mode="nearest")
-    return resize.inverse(resize(gt_ras)).as_tensor()[0]
+    resize = ResizeToGridd("label", COARSE_SIZE, mode="nearest")  # as the coarse bundle trains and inverts
+    return resize.inverse(resize({"label": gt_ras}))["label"].as_tensor()[0]
 
 
 def measure(seed=0, shape=(512, 512, 120), spacing=(0.8, 0.8, 2.5), orientation="LPS", variants=VARIANTS):

@@ -292,6 +292,17 @@ def resize_spatial(x, spatial_size: Sequence[int], mode: str = "trilinear") -> t
     raise ValueError(f"unsupported interpolation mode {mode!r}: use nearest, (bi/tri)linear or area")
 
 
+def soft_labels(label_map, labels: Sequence[int]) -> torch.Tensor:
+    """One-hot float32 ``(1 + len(labels), *spatial)`` of a FLARE-id label map: channel ``i + 1`` is
+    ``labels[i]``, channel 0 everything else (so a stage's local ids, as :func:`remap_labels` gives them)."""
+    if labels is None:
+        raise ValueError("soft labels need the stage's labels")
+    m = _spatial_mask(label_map)
+    organs = [m == int(label) for label in labels]
+    background = ~torch.stack(organs).any(0) if organs else torch.ones_like(m, dtype=torch.bool)
+    return torch.stack([background] + organs).to(torch.float32)
+
+
 def crop_resize(img, box: Box, spatial_size: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
     """Cut ``box`` out of a channel-first ``img`` and resize the crop to ``spatial_size`` (plain tensor).
 
@@ -352,7 +363,11 @@ class CropFromMask(InvertibleTransform):
             side); converted with the image's spacing (from its affine) and rounded up to whole voxels.
         min_size_mm: optional per-axis minimum box size in millimetres; a smaller box grows about the organ's
             centre (and slides inside the volume at the border).
-        mode: interpolation of the crop: ``"trilinear"`` for images, ``"nearest"`` for label maps.
+        mode: interpolation of the crop: ``"trilinear"`` for images, ``"nearest"`` for label maps, ``"soft"`` for
+            training targets: a FLARE-id label map becomes background + ``labels`` one-hot inside the crop and is
+            resized linearly, so the target holds the fraction of each class in each output voxel. A network
+            trained on soft targets and fused linearly (as the cascade does) keeps organ boundaries that a hard
+            nearest-resized target loses at 160^3 (see ``benchmarks/geometric_ceiling.py``).
         mask_grid: how the mask's voxels relate to the image's:
             ``"auto"`` (default): the same grid if the spatial shapes agree; otherwise through the affines if the
             mask is a MetaTensor; otherwise ``"fov"``.
@@ -462,7 +477,11 @@ class CropFromMask(InvertibleTransform):
         wanted = ensure_tuple_rep(self.spatial_size, len(orig_size))
         out_size = tuple(int(s) for s in fall_back_tuple(wanted, box_size(box)))
         mode = self.mode if mode is None else mode
-        data = crop_resize(img_t, box, out_size, mode)
+        if mode == "soft":
+            data = soft_labels(img_t[(slice(None),) + box_slices(box)], self.labels)
+            data = resize_spatial(data, out_size, "trilinear")
+        else:
+            data = crop_resize(img_t, box, out_size, mode)
         if out_size == box_size(box):
             data = data.clone()  # no resize happened: never alias the input
         if not isinstance(img_t, MetaTensor):
@@ -506,7 +525,8 @@ class CropFromMask(InvertibleTransform):
             tuple(int(v) for v in convert_to_numpy(info["box_stop"], wrap_sequence=True)),
         )
         out_size = tuple(int(v) for v in convert_to_numpy(info["spatial_size"], wrap_sequence=True))
-        restored = paste_into(orig_size, box, _plain(data), mode=info["mode"])
+        mode = "trilinear" if info["mode"] == "soft" else info["mode"]
+        restored = paste_into(orig_size, box, _plain(data), mode=mode)
         if not isinstance(data, MetaTensor):
             return restored
         back = TraceableTransform.track_transform_meta(
@@ -681,6 +701,35 @@ class ClearIfSkippedd(MapTransform):
         if bool(d.get(self.skipped_key, False)):
             for key in self.key_iterator(d):
                 d[key] = d[key] * 0
+        return d
+
+
+class ResizeToGridd(MapTransform, InvertibleTransform):
+    """Resize whole volumes to a fixed grid, invertibly: :class:`CropFromMaskd` with the box always the whole
+    volume, so the coarse stage shares the crops' half-pixel geometry (``"nearest"`` is torch's
+    ``nearest-exact``, also when ``Invertd(nearest_interp=True)`` maps a prediction back)."""
+
+    backend = CropFromMask.backend
+
+    def __init__(
+        self, keys: KeysCollection, spatial_size: Sequence[int] | int, mode: Sequence[str] | str = "trilinear",
+        allow_missing_keys: bool = False,
+    ):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        self.resizer = CropFromMask(None, spatial_size, mode=self.mode[0])
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key, mode in self.key_iterator(d, self.mode):
+            whole = (tuple(0 for _ in d[key].shape[1:]), tuple(int(s) for s in d[key].shape[1:]))
+            d[key] = self.resizer.crop(d[key], whole, mode)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resizer.inverse(d[key])
         return d
 
 
