@@ -48,6 +48,27 @@ NSD_TOLERANCE_MM = MappingProxyType(
 # (FLARE22 evaluation: aorta, inferior vena cava, esophagus).
 SLAB_ORGANS = (5, 6, 10)
 
+# Small-organ refiner: minimum box size in millimetres per array axis after reorientation to RAS
+# (left-right, posterior-anterior, inferior-superior), for FLARE ids 7..10 (``GROUPS["small"]``).
+# A box smaller than this grows about the organ's centre (``CropFromMask(min_size_mm=...)``), so that the
+# 128^3 crop always holds some surrounding anatomy, tolerates a located mask that is a few millimetres
+# off or cut short, and never upsamples a tiny box to absurdly fine voxels (48 mm -> 0.375 mm).
+# - adrenal glands (7, 8): Y/V-shaped glands with limbs of 2 to 5 cm and a body under 1 cm thick; 48 mm
+#   holds a whole gland plus its neighbours (crus, kidney upper pole, IVC/aorta) in every direction.
+# - gallbladder (9): 7 to 10 cm long and 3 to 4 cm wide when distended, only 2 to 3 cm when contracted;
+#   64 mm keeps a contracted one in its liver-bed context, a distended one is larger anyway.
+# - esophagus (10): a tube of about 2 to 2.5 cm diameter; 64 mm in-plane shows it with the aorta, crura
+#   and spine around it; cranio-caudally it runs through the whole upper scan, so the minimum only
+#   matters when just its last few centimetres (the gastro-oesophageal junction) are in the field of view.
+REFINER_MIN_SIZE_MM = MappingProxyType(
+    {
+        7: (48.0, 48.0, 48.0),
+        8: (48.0, 48.0, 48.0),
+        9: (64.0, 64.0, 64.0),
+        10: (64.0, 64.0, 64.0),
+    }
+)
+
 
 def group_of(label: int) -> str:
     """Name of the stage group that holds FLARE id ``label``."""
