@@ -106,9 +106,9 @@ def _per_side(value, ndim: int, name: str) -> np.ndarray:
 
 
 def label_names(labels: Sequence[int] | None) -> str:
-    """Readable names of FLARE ids for messages: ``"liver, spleen"``; ``"any label"`` for ``None``."""
+    """Readable names of FLARE ids for messages: ``"liver, spleen"``; ``"foreground"`` for ``None``."""
     if labels is None:
-        return "any label"
+        return "foreground"
     return ", ".join(ORGANS.get(int(label), str(label)) for label in labels)
 
 
@@ -143,24 +143,23 @@ def expand_box(
     m = np.rint(_per_side(margin, nd, "margin")).astype(np.int64)
     start -= m[:, 0]
     stop += m[:, 1]
-    if min_size is not None:
-        need = np.rint(_per_axis(min_size, nd, "min_size")).astype(np.int64)
-        deficit = np.maximum(need - (stop - start), 0)
-        start -= deficit // 2
-        stop += deficit - deficit // 2
-        grown = deficit > 0
-        low = grown & (start < 0)  # slide inside the volume, where the volume is large enough
-        stop[low] -= start[low]
-        start[low] = 0
-        high = grown & (stop > shape_a)
-        start[high] -= stop[high] - shape_a[high]
-        stop[high] = shape_a[high]
     if shift is not None:
         s = np.rint(_per_axis(shift, nd, "shift")).astype(np.int64)
         start += s
         stop += s
     start = np.clip(start, 0, shape_a - 1)
     stop = np.clip(stop, start + 1, shape_a)
+    if min_size is not None:  # after clipping: margin outside the volume must not count towards the minimum
+        need = np.minimum(np.rint(_per_axis(min_size, nd, "min_size")).astype(np.int64), shape_a)
+        deficit = np.maximum(need - (stop - start), 0)
+        start -= deficit // 2
+        stop += deficit - deficit // 2
+        low = start < 0  # slide inside the volume, which is at least ``need`` long
+        stop[low] -= start[low]
+        start[low] = 0
+        high = stop > shape_a
+        start[high] -= stop[high] - shape_a[high]
+        stop[high] = shape_a[high]
     return tuple(int(v) for v in start), tuple(int(v) for v in stop)
 
 
