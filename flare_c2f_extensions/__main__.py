@@ -10,11 +10,11 @@ def phantom(out: str, n: int = 4, seed: int = 0, **options):
     return write_cohort(out, n=n, seed=seed, **options)
 
 
-def network_info(spatial_size: int = 128, **network_args):
+def network_info(spatial_size: int = 128, channels=None, blocks_per_level: int = 1, out_channels: int = 14):
     """Parameter count and FLOPs of the ResUNet-ASPP (defaults: the paper-size network)."""
-    from .networks import describe
+    from .networks import PAPER_CHANNELS, describe
 
-    return describe(spatial_size=spatial_size, **network_args)
+    return describe(spatial_size, channels=channels or PAPER_CHANNELS, blocks_per_level=blocks_per_level, out_channels=out_channels)
 
 
 def evaluate(pred: str, gt: str, out: str):

@@ -97,9 +97,20 @@ def _load_stage_config(bundle_dir: str | os.PathLike, overrides: Mapping | None 
     parser = ConfigParser()
     parser.read_config(str(config))
     parser["bundle_root"] = str(bundle_dir)
-    for key, value in (overrides or {}).items():
+    for key, value in _flatten(overrides or {}).items():
         parser[key] = value
     return parser
+
+
+def _flatten(overrides: Mapping, prefix: str = "") -> dict:
+    """``{"network_def": {"channels": [4, 8]}}`` -> ``{"network_def#channels": [4, 8]}`` (config ids)."""
+    flat = {}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}#"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def load_stage(
@@ -130,7 +141,8 @@ def load_stage(
     if name == "coarse":
         return Stage(name, network, spatial_size, tuple(range(1, int(parser.get_parsed_content("num_classes")))))
     labels = tuple(int(v) for v in parser.get_parsed_content("labels"))
-    box_labels = None if name == "locator" else labels
+    # the organs whose box the stage crops: its own, unless the bundle says otherwise (the locator: all foreground)
+    box_labels = parser.get_parsed_content("roi_labels") if "roi_labels" in parser else labels
     min_size = parser.get_parsed_content("min_size_mm") if "min_size_mm" in parser else None
     cropper = CropFromMask(box_labels, spatial_size, parser.get_parsed_content("margin_mm"), min_size, mask_grid="affine")
     return Stage(name, network, spatial_size, labels, cropper)
