@@ -37,7 +37,7 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
-from .data import InputError, case_name, check_volume, save_label_map, write_text_atomic
+from .data import InputError, case_name, read_ct, save_label_map, write_text_atomic
 from .efficiency import ResourceMonitor
 from .labels import GROUPS, ORGANS, organ_id
 from .transforms import (
@@ -53,7 +53,6 @@ from .transforms import (
 
 logger = logging.getLogger(__name__)
 
-HU_RANGE = (-100.0, 300.0)
 STAGE_BUNDLES = {
     "coarse": "flare22_coarse",
     "solid": "flare22_fine_solid",
@@ -324,31 +323,6 @@ def _guide(mask: torch.Tensor, affine: np.ndarray) -> MetaTensor:
     return MetaTensor(mask, affine=torch.as_tensor(affine, dtype=torch.float64))
 
 
-def read_ct(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[MetaTensor, np.ndarray]:
-    """Read a CT once: (1, X, Y, Z) float32 in [0, 1] on ``device``, reoriented to RAS, with its RAS affine.
-
-    Also returns the orientation transform that takes a RAS array back to the file's array layout. HU are
-    clipped to [-100, 300] and scaled to [0, 1], as ``ScaleIntensityRanged`` does in the stage bundles.
-    """
-    check_volume(path)
-    try:
-        nifti = nib.load(str(path))
-        data = np.asarray(nifti.dataobj, dtype=np.float32)
-    except Exception as error:
-        raise InputError(f"{path}: cannot read the image data ({error})") from None
-    data = data.reshape(data.shape[:3])
-    if not np.isfinite(data).all():
-        raise InputError(f"{path}: image holds NaN or infinite voxels")
-    ornt = nib.orientations.io_orientation(nifti.affine)
-    ras = nib.orientations.apply_orientation(data, ornt)
-    ras_affine = nifti.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-    tensor = torch.from_numpy(np.ascontiguousarray(ras)).to(device)
-    low, high = HU_RANGE
-    tensor = ((tensor.clamp_(low, high) - low) / (high - low))[None]
-    return MetaTensor(tensor, affine=torch.as_tensor(ras_affine, dtype=torch.float64)), back
-
-
 def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir: str | os.PathLike) -> CaseResult:
     """Segment one CT and write ``output_dir/<case>.nii.gz`` atomically."""
     result = cascade.segment(image_path)
@@ -356,7 +330,7 @@ def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir:
     return result
 
 
-__all__ = ["Cascade", "CaseResult", "Stage", "load_stage", "read_ct", "segment_to_file", "STAGE_BUNDLES"]
+__all__ = ["Cascade", "CaseResult", "Stage", "load_stage", "segment_to_file", "STAGE_BUNDLES"]
 
 
 class CascadeRunner:

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.data import MetaTensor
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+HU_RANGE = (-100.0, 300.0)  # the intensity window of every stage (ScaleIntensityRanged in the bundles)
 IMAGE_SUFFIX = "_0000"  # FLARE: <case>_0000.nii.gz is the image, <case>.nii.gz the label map
 
 
@@ -239,3 +242,28 @@ class SaveLabelMapd:
             array = prediction.detach().cpu().numpy() if hasattr(prediction, "detach") else np.asarray(prediction)
             save_label_map(array, reference, self.output_dir)
         return data
+
+
+def read_ct(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[MetaTensor, np.ndarray]:
+    """Read a CT once: (1, X, Y, Z) float32 in [0, 1] on ``device``, reoriented to RAS, with its RAS affine.
+
+    Also returns the orientation transform that takes a RAS array back to the file's array layout. HU are
+    clipped to [-100, 300] and scaled to [0, 1], as ``ScaleIntensityRanged`` does in the stage bundles.
+    """
+    check_volume(path)
+    try:
+        nifti = nib.load(str(path))
+        data = np.asarray(nifti.dataobj, dtype=np.float32)
+    except Exception as error:
+        raise InputError(f"{path}: cannot read the image data ({error})") from None
+    data = data.reshape(data.shape[:3])
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: image holds NaN or infinite voxels")
+    ornt = nib.orientations.io_orientation(nifti.affine)
+    ras = nib.orientations.apply_orientation(data, ornt)
+    ras_affine = nifti.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    tensor = torch.from_numpy(np.ascontiguousarray(ras)).to(device)
+    low, high = HU_RANGE
+    tensor = ((tensor.clamp_(low, high) - low) / (high - low))[None]
+    return MetaTensor(tensor, affine=torch.as_tensor(ras_affine, dtype=torch.float64)), back

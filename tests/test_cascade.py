@@ -13,7 +13,8 @@ from monai.bundle import verify_metadata, verify_net_in_out
 
 from conftest import BUNDLES, SCHEMA, bundle_workflow
 from flare_c2f_extensions import data as data_module
-from flare_c2f_extensions.cascade import Cascade, CascadeRunner, read_ct
+from flare_c2f_extensions.cascade import Cascade, CascadeRunner
+from flare_c2f_extensions.data import read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.transforms import ResizeToGridd
 
