@@ -11,7 +11,7 @@ clinical-size case:
   coarse bundle's training target and ``Invertd(nearest_interp=True)``);
 - ``group``: ``CropFromMask`` of each group's organs + 15 mm at 160^3, nearest, inverted by the transform;
 - ``locator``: the abdomen ROI (all foreground + 10 mm) at 128^3, scored on the small organs;
-- ``refiner``: a box around each small organ + 10 mm, grown to the organ's minimum size, at 128^3;
+- ``refiner``: a box around each small organ + 10 mm, grown to the organ's minimum size, at 64^3;
 - ``+lin``: the fine paths again, but the crop's label map (the nearest-resized training target) is turned into
   one-hot probabilities and resized back *linearly* inside the box, then argmax -- how the cascade fuses;
 - ``+soft``: the bundles' training target (``CropFromMask`` mode ``"soft"``: one-hot resized linearly) resized
@@ -46,7 +46,7 @@ from flare_c2f_extensions.transforms import (
     resize_spatial,
 )
 
-COARSE_SIZE, GROUP_SIZE, SMALL_SIZE = 128, 160, 128
+COARSE_SIZE, GROUP_SIZE, LOCATOR_SIZE, REFINER_SIZE = 128, 160, 128, 64  # the bundles' grids
 GROUP_MARGIN_MM = 15.0  # margin_mm of bundles/flare22_fine_*/configs
 LOCATOR_MARGIN_MM = 10.0  # margin_mm of bundles/flare22_small_locator/configs
 REFINER_MARGIN_MM = 10.0  # margin_mm of bundles/flare22_small_refiner/configs, then grown to the minimum size
@@ -141,8 +141,8 @@ def measure(seed=0, shape=(512, 512, 120), spacing=(0.8, 0.8, 2.5), orientation=
     small, min_size = L.GROUPS["small"], refiner_min_size_mm()
     stages = {
         "group": [(g, L.GROUPS[g], L.GROUPS[g], GROUP_SIZE, GROUP_MARGIN_MM, None) for g in GROUP_NAMES],
-        "locator": [("locator", None, small, SMALL_SIZE, LOCATOR_MARGIN_MM, None)],
-        "refiner": [(L.ORGANS[k], (k,), (k,), SMALL_SIZE, REFINER_MARGIN_MM, min_size[k]) for k in small],
+        "locator": [("locator", None, small, LOCATOR_SIZE, LOCATOR_MARGIN_MM, None)],
+        "refiner": [(L.ORGANS[k], (k,), (k,), REFINER_SIZE, REFINER_MARGIN_MM, min_size[k]) for k in small],
     }
     t = time.perf_counter()
     score("coarse", coarse_path(gt_ras), tuple(L.ORGANS))
@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     case = result["case"]
     print(f"case seed {args.seed}: shape {case.info['shape']}, spacing {case.info['spacing']} mm, "
           f"{case.info['orientation']}; compared in the stored orientation after Orientation.inverse")
-    print(f"grids: coarse {COARSE_SIZE}^3, group {GROUP_SIZE}^3, locator and refiner {SMALL_SIZE}^3; "
+    print(f"grids: coarse {COARSE_SIZE}^3, group {GROUP_SIZE}^3, locator {LOCATOR_SIZE}^3, refiner {REFINER_SIZE}^3; "
           "+lin: one-hot back linearly, +soft: one-hot linearly both ways")
     print("boxes (RAS voxels): " + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result["boxes"].items()))
     print(format_table(result))

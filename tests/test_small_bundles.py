@@ -110,9 +110,10 @@ def test_metadata_describes_the_outputs():
     refiner = meta["network_data_format"]["outputs"]["pred"]
     assert refiner["num_channels"] == 2 and sorted(refiner["channel_def"]) == ["0", "1"]
     assert "`organ`" in meta["description"] and "`organ`" in meta["pred_classes"]
-    for bundle in (LOCATOR, REFINER):
+    for bundle, grid in ((LOCATOR, [128, 128, 128]), (REFINER, [64, 64, 64])):
         m = _load(bundle, "metadata.json")
-        assert m["network_data_format"]["inputs"]["image"]["spatial_shape"] == [128, 128, 128]
+        assert m["network_data_format"]["inputs"]["image"]["spatial_shape"] == grid
+        assert _load(bundle, "inference.json")["spatial_size"] == grid == _load(bundle, "train.json")["spatial_size"]
         assert list(m["changelog"])[0] == m["version"]
 
 
@@ -127,7 +128,7 @@ def test_locator_network_matches_metadata_at_paper_size():
 
 
 def test_refiner_network_matches_metadata():
-    """Tiny widths: the refiner's network is the locator's with 2 output channels (metadata's 128^3 input)."""
+    """Tiny widths: the refiner's network is the locator's with 2 output channels (metadata's 64^3 input)."""
     verify_net_in_out(
         net_id="network_def",
         meta_file=str(_configs(REFINER) / "metadata.json"),
