@@ -122,19 +122,30 @@ def load_stage(
 ) -> Stage:
     """Build a stage from its bundle: ``network_def`` with the checkpoint at ``ckpt_path`` (or ``weights``).
 
+    A checkpoint whose name ends in ``.ts`` is a TorchScript module (``python -m monai.bundle ckpt_export``, or
+    ``python -m flare_c2f_extensions export``): it is loaded with ``torch.jit.load`` and ``network_def`` is not
+    built. Point a stage at one with ``weights`` or the override ``{"ckpt_path": ".../model.ts"}`` (the refiner:
+    ``{"model_file": "$'model_' + @organ_name + '.ts'"}``).
     ``require_weights=False`` keeps the random (He-normal) initialisation when no checkpoint exists, for
     timing benchmarks; real use always loads weights.
     """
     parser = _load_stage_config(bundle_dir, overrides)
-    network = parser.get_parsed_content("network_def")
     checkpoint = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        network.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
-    elif require_weights:
-        raise InputError(f"{checkpoint}: no weights for the {name} stage (train it with its configs/train.json)")
+    if checkpoint.suffix == ".ts" and checkpoint.is_file():
+        try:
+            network = torch.jit.load(str(checkpoint), map_location=torch.device(device))
+        except RuntimeError as error:
+            raise InputError(f"{checkpoint}: not a loadable TorchScript module for the {name} stage ({error})") from error
     else:
-        logger.warning("%s: no weights at %s, using random initialisation", name, checkpoint)
+        network = parser.get_parsed_content("network_def")
+        if checkpoint.is_file():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            network.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
+        elif require_weights:
+            what = "TorchScript module" if checkpoint.suffix == ".ts" else "weights"
+            raise InputError(f"{checkpoint}: no {what} for the {name} stage (train it with its configs/train.json)")
+        else:
+            logger.warning("%s: no weights at %s, using random initialisation", name, checkpoint)
     network = network.to(device).eval()
     spatial_size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
     if name == "coarse":
@@ -294,20 +305,20 @@ class Cascade:
 
 def _fuse(probs: torch.Tensor, box, stage_labels: Sequence[int], labels, confidence) -> None:
     """Resize ``probs`` (k+1 channels on the stage grid) to the box one channel at a time; write organ claims
-    that beat the current confidence."""
+    that beat the current confidence (in place, through views of the full-resolution maps)."""
     size = box_size(box)
     best_p = resize_spatial(probs[0:1], size, "trilinear")[0]
     best_c = torch.zeros(size, dtype=torch.uint8, device=probs.device)
     for channel in range(1, probs.shape[0]):
         p = resize_spatial(probs[channel : channel + 1], size, "trilinear")[0]
-        better = p > best_p
-        best_p = torch.where(better, p, best_p)
-        best_c[better] = channel
+        best_c.masked_fill_(p > best_p, channel)
+        torch.maximum(best_p, p, out=best_p)
     region = box_slices(box)
+    region_labels, region_confidence = labels[region], confidence[region]
+    claim = (best_c > 0) & (best_p > region_confidence)
     lut = torch.tensor((0,) + tuple(stage_labels), dtype=torch.uint8, device=probs.device)
-    claim = (best_c > 0) & (best_p > confidence[region])
-    labels[region] = torch.where(claim, lut[best_c.long()], labels[region])
-    confidence[region] = torch.where(claim, best_p, confidence[region])
+    region_labels[claim] = lut[best_c[claim].long()]
+    region_confidence[claim] = best_p[claim]
 
 
 def _affine_of(image: MetaTensor) -> np.ndarray:
@@ -337,9 +348,15 @@ class CascadeRunner:
     """Segment a batch of CTs with one :class:`Cascade`: progress bar, one bad case never stops the others,
     atomic outputs, finished cases skipped on a rerun unless ``overwrite``, and an efficiency report.
 
-    ``dataset``: ``[{"image": path}, ...]`` (``data.find_images``) or paths. Writes ``output_dir/<case>.nii.gz``
-    and ``output_dir/efficiency.json`` / ``efficiency.csv`` (per case: status, seconds by stage, peak RSS, GPU
-    peak and memory-time area, CPU-time area). ``run()`` returns the report.
+    ``dataset``: ``[{"image": path}, ...]`` (``data.find_images``) or paths; an image is a NIfTI file or a DICOM
+    series folder. Writes ``output_dir/<case>.nii.gz`` and ``output_dir/efficiency.json`` / ``efficiency.csv``
+    (per case: status, seconds by stage, peak RSS, GPU peak and memory-time area, CPU-time area; in the JSON also
+    the input warnings, e.g. NaN voxels replaced). ``run()`` returns the report.
+
+    ``run()`` first checks that ``output_dir`` can be created and written, and fails with one
+    :class:`~flare_c2f_extensions.data.InputError` before any case runs if not. Two inputs that would write the
+    same output file (``a.nii`` and ``a.nii.gz``, or ``a_0000.nii.gz`` and a DICOM folder ``a``): the later one
+    fails, the earlier one is written.
     """
 
     def __init__(
@@ -359,24 +376,34 @@ class CascadeRunner:
         self.report_name = report_name
 
     def run(self) -> dict:
+        from .data import InputWarnings, prepare_output_dir
+
+        prepare_output_dir(self.output_dir)
         cases = []
+        claimed: dict[str, str] = {}
         bar = tqdm(self.images, desc="cascade", unit="case", disable=not self.progress)
         for image in bar:
             name = case_name(image)
             bar.set_postfix_str(name)
+            if name in claimed:
+                message = f"{image}: its output {name}.nii.gz is already that of {claimed[name]} in this batch"
+                logger.error("failed: %s", message)
+                cases.append({"case": name, "status": "failed", "error": message})
+                continue
+            claimed[name] = str(image)
             output = self.output_dir / f"{name}.nii.gz"
             if output.exists() and not self.overwrite:
                 cases.append({"case": name, "status": "exists"})
                 continue
             try:
-                with ResourceMonitor(self.cascade.device) as monitor:
+                with InputWarnings() as warned, ResourceMonitor(self.cascade.device) as monitor:
                     result = segment_to_file(self.cascade, image, self.output_dir)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as error:  # one bad case must not stop the batch
                 message = str(error) if isinstance(error, InputError) else f"{image}: {type(error).__name__}: {error}"
                 logger.error("failed: %s", message)
-                cases.append({"case": name, "status": "failed", "error": message})
+                cases.append({"case": name, "status": "failed", "error": message, **warned.as_dict()})
                 continue
             cases.append(
                 {
@@ -385,6 +412,7 @@ class CascadeRunner:
                     **monitor.usage.as_dict(),
                     "stage_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
                     "skipped_stages": result.skipped,
+                    **warned.as_dict(),
                 }
             )
         report = _summarise(cases, self.cascade.device)

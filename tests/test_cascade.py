@@ -154,3 +154,23 @@ def test_bundle_runs_the_monai_way(cohort, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("FLARE22_Ts_*.nii.gz")) == ["FLARE22_Ts_0001.nii.gz", "FLARE22_Ts_0002.nii.gz"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_cases"] == 2 and len(summary["organs"]) == 13
+
+
+def test_fusion_higher_probability_wins_and_background_never_erases():
+    from flare_c2f_extensions.cascade import _fuse
+
+    labels = torch.zeros(8, 8, 8, dtype=torch.uint8)
+    confidence = torch.zeros(8, 8, 8)
+    first = torch.zeros(2, 4, 4, 4)
+    first[1], first[0] = 0.7, 0.3  # organ 5 everywhere in its box with p 0.7
+    _fuse(first, ((0, 0, 0), (4, 4, 4)), (5,), labels, confidence)
+    second = torch.zeros(3, 4, 4, 4)
+    second[0] = 1.0
+    second[:, :2] = torch.tensor([0.1, 0.9, 0.0])[:, None, None, None]  # organ 11 with p 0.9 on half its box
+    second[:, 2:3] = torch.tensor([0.4, 0.0, 0.6])[:, None, None, None]  # organ 12 with p 0.6, beyond the first box
+    _fuse(second, ((2, 0, 0), (6, 4, 4)), (11, 12), labels, confidence)
+    assert (labels[0:2, :4, :4] == 5).all()  # only the first stage there
+    assert (labels[2:4, :4, :4] == 11).all()  # 0.9 beats 0.7
+    assert (labels[4, :4, :4] == 12).all()  # 0.6 where nothing else claimed
+    assert (labels[5, :4, :4] == 0).all()  # the second stage's background claims nothing
+    assert torch.allclose(confidence[2:4, :4, :4], torch.tensor(0.9))
