@@ -31,7 +31,86 @@ def quickstart(out: str = "./quickstart", **options):
     run(out, **options)
 
 
-COMMANDS = {"quickstart": quickstart, "phantom": phantom, "evaluate": evaluate, "network_info": network_info}
+def sample_ct(out: str, cache: str | None = None):
+    """Write the real sample CT (TotalSegmentator 2.18.0's example, fetched once with pip and cached in
+    ``$FLARE_C2F_CACHE`` or ``~/.cache/flare_c2f``) as ``out/imagesTs/example_0000.nii.gz`` and its reference
+    organs as FLARE ids in ``out/labelsTs/example.nii.gz``."""
+    from .samples import write_sample_dataset
+
+    paths = write_sample_dataset(out, cache)
+    for path in paths.values():
+        print(path)
+
+
+def pack(
+    out: str, bundles=None, weights: str = "inside", weights_url: str | None = None, bundles_dir: str | None = None
+):
+    """Pack bundles into reproducible ``<name>_v<version>.zip`` release files (+ ``.sha256``) in ``out``.
+
+    ``--bundles flare22_coarse,flare22_cascade`` (default: all); ``--weights inside`` (models/ in the zip) or
+    ``--weights large_files --weights_url URL`` (weights beside the zips, listed with sha256 in large_files.yml).
+    """
+    from .release import ReleaseError, pack as run
+
+    try:
+        items = run(out, bundles, weights, weights_url, bundles_dir)
+    except ReleaseError as error:
+        raise SystemExit(f"error: {error}") from None
+    for item in items:
+        print(f"{item['sha256']}  {item['zip']}")
+
+
+def _hex(sha256):
+    """fire reads an all-digit hash as a number: give back its 64 digits."""
+    return f"{sha256:064d}" if isinstance(sha256, int) and not isinstance(sha256, bool) else sha256
+
+
+def verify_release(zip: str, sha256: str | None = None, name: str | None = None):
+    """Check a release zip before extracting it: sha256 (``--sha256`` or the ``.sha256`` sidecar), CRCs, and that
+    every entry stays inside its bundle folder. Exits non-zero with the reason if it is refused."""
+    from .release import ReleaseError, verify_release as run
+
+    try:
+        report = run(zip, _hex(sha256), name)
+    except ReleaseError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"ok: {report['zip']} ({report['name']} {report['version']}, {report['entries']} entries)")
+    print(f"sha256 {report['sha256']}")
+
+
+def download_release(url: str, bundle_dir: str = ".", sha256: str | None = None, name: str | None = None):
+    """Download a release zip, verify it (``--sha256`` or ``<url>.sha256``), fetch its hash-checked large files,
+    and only then put ``<name>/`` into ``bundle_dir``."""
+    from .release import ReleaseError, download_release as run
+
+    try:
+        print(run(url, bundle_dir, _hex(sha256), name))
+    except ReleaseError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def export(bundle_dir: str, formats: str = "ts,onnx", out: str | None = None, overrides=None, check: bool = True):
+    """Export every checkpoint of a bundle to TorchScript (``ckpt_export``) and ONNX (``onnx_export``) and print
+    each format's max absolute difference from PyTorch on a random input."""
+    import json
+
+    from .export import export_bundle
+
+    for item in export_bundle(bundle_dir, formats, out, overrides, check):
+        print(json.dumps(item))
+
+
+COMMANDS = {
+    "quickstart": quickstart,
+    "phantom": phantom,
+    "evaluate": evaluate,
+    "network_info": network_info,
+    "sample_ct": sample_ct,
+    "pack": pack,
+    "verify_release": verify_release,
+    "download_release": download_release,
+    "export": export,
+}
 
 
 def main():
