@@ -629,6 +629,21 @@ def _dicom_voxels(slices, shape) -> np.ndarray:
     return data
 
 
+def _load_nifti(path: Path):
+    """``nib.load``, but a gzipped NIfTI-1 is inflated with ISA-L (``isal``), about twice as fast as zlib: on a
+    512x512x300 CT the read is a visible part of the cascade's time."""
+    if path.name.endswith(".gz"):
+        try:
+            from isal import igzip
+        except ImportError:  # pragma: no cover - isal is a dependency; zlib still works
+            return nib.load(str(path))
+        with igzip.open(path, "rb") as handle:
+            raw = handle.read()
+        if len(raw) >= 4 and int.from_bytes(raw[:4], "little") == 348:  # NIfTI-1 header size
+            return nib.Nifti1Image.from_bytes(raw)
+    return nib.load(str(path))
+
+
 def _read_voxels(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The image's voxels in HU (float32, 3D, the file's own layout) and its affine."""
     if path.is_dir():
@@ -636,7 +651,7 @@ def _read_voxels(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return series.data, series.affine
     geometry = image_geometry(path)
     try:
-        nifti = nib.load(str(path))
+        nifti = _load_nifti(path)
         stored = nifti.get_data_dtype()
         unscaled = nifti.header.get_slope_inter() in ((None, None), (1.0, 0.0))
         if stored.kind in "ui" and stored.itemsize == 1 and unscaled:
