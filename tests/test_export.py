@@ -16,14 +16,8 @@ from conftest import BUNDLES
 from flare_c2f_extensions.cascade import Cascade
 from flare_c2f_extensions.export import export_checkpoint
 
-try:  # the test extra installs them; without them only the TorchScript checks run
-    import onnxruntime  # noqa: F401
-    import onnxscript  # noqa: F401
-
-    HAVE_ONNX = True
-except ImportError:
-    HAVE_ONNX = False
-needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx export needs onnx, onnxscript and onnxruntime")
+import onnxruntime
+import onnxscript  # noqa: F401  (the test extra installs onnx, onnxscript and onnxruntime; ONNX export needs it)
 
 TINY_CHANNELS = [4, 8, 8, 8, 8]
 TINY_SIZE = [32, 32, 32]
@@ -79,7 +73,6 @@ def _checkpoint(bundles, bundle):
     return bundles / bundle / "models" / ("model_gallbladder.pt" if bundle == "flare22_small_refiner" else "model.pt")
 
 
-@needs_onnx
 @pytest.mark.parametrize("bundle", list(STAGES.values()))
 def test_exports_match_pytorch(bundle, bundles):
     result = export_checkpoint(bundles / bundle, _checkpoint(bundles, bundle), overrides=TINY)  # into models/
@@ -89,11 +82,8 @@ def test_exports_match_pytorch(bundle, bundles):
     assert result["onnx_max_abs_diff"] <= ONNX_TOLERANCE
 
 
-@needs_onnx
 def test_monai_command_lines_export_the_coarse_network(bundles, tmp_path):
     """The user's commands: ``python -m monai.bundle ckpt_export`` / ``onnx_export`` with tiny overrides."""
-    import onnxruntime
-
     root = bundles / "flare22_coarse"
     common = [
         "--ckpt_file", str(root / "models" / "model.pt"), "--meta_file", str(root / "configs" / "metadata.json"),
@@ -135,7 +125,6 @@ def test_torchscript_module_carries_metadata_and_loads_with_monai(bundles, tmp_p
     assert module(torch.rand(1, 1, *TINY_SIZE)).shape == (1, 14, *TINY_SIZE)
 
 
-@needs_onnx
 def test_paper_size_network_exports(bundles, tmp_path):
     """The coarse bundle as configured: paper-width ResUNet-ASPP (15.2 M parameters) on its 128^3 grid."""
     bundle = tmp_path / "flare22_coarse"
