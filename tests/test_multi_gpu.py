@@ -85,6 +85,11 @@ def test_overlay_parses_with_its_train_config(bundle, cohort, tmp_path, monkeypa
         assert trainer.data_loader.sampler is parsed("train#sampler")
     finally:
         workflow.finalize()
+        # ignite caches the distributed context it saw while the group existed; later tests in this process
+        # (a real run exits here) must find the serial one again
+        from ignite.distributed import utils as idist_utils
+
+        idist_utils._set_model(idist_utils._SerialModel())
     assert not torch.distributed.is_initialized()
 
 
