@@ -37,7 +37,15 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
-from .data import InputError, case_name, read_ct, save_label_map, write_text_atomic
+from .data import (
+    InputError,
+    InputWarnings,
+    case_name,
+    prepare_output_dir,
+    read_ct,
+    save_label_map,
+    write_text_atomic,
+)
 from .efficiency import ResourceMonitor
 from .labels import GROUPS, ORGANS, organ_id
 from .transforms import (
@@ -391,8 +399,6 @@ class CascadeRunner:
         self.report_name = report_name
 
     def run(self) -> dict:
-        from .data import InputWarnings, prepare_output_dir
-
         prepare_output_dir(self.output_dir)
         cases = []
         claimed: dict[str, str] = {}
