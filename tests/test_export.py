@@ -36,13 +36,6 @@ ONNX_TOLERANCE = 1e-3  # onnxruntime's kernels sum in another order: about 2e-5 
 PAPER_ONNX_TOLERANCE = 1e-2  # about 5e-4 seen at 128^3 and 2e-3 at 160^3 on paper-size networks (logits ~10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread (two threads are many times slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _network(bundle: str, overrides: dict):

@@ -28,7 +28,7 @@ from flare_c2f_extensions.cascade import CascadeRunner
 from flare_c2f_extensions.data import InputError, find_images
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.phantom import make_case
-from test_invariance import TINY_STAGES, assert_same_geometry, no_hang, one_thread, save, tiny_cascade  # noqa: F401
+from test_invariance import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
 from test_real_ct import write_dicom_series
 
 CLI_TIMEOUT_S = 300
@@ -425,7 +425,7 @@ def _cli(dataset_dir: Path, output_dir: Path) -> subprocess.CompletedProcess:
         "--device", "cpu", "--require_weights", "False", "--progress", "False",
         "--stage_overrides", repr(TINY_STAGES),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one_thread fixture, for the same reason
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as conftest sets for the tests
     return subprocess.run(command, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=bundle, env=env)
 
 

@@ -50,16 +50,6 @@ def no_hang():
     signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run several times faster on one thread, and far more steadily on a busy shared machine
-    (two threads stall on each other when another process holds a core). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_cascade(seed: int = 0) -> Cascade:
     """Every stage with random (seeded) weights: the networks' answers are arbitrary but deterministic."""
     torch.manual_seed(seed)

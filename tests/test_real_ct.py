@@ -22,13 +22,12 @@ from conftest import REPO
 from flare_c2f_extensions.data import find_images, image_geometry, read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.samples import TOTALSEG_TO_FLARE, SampleError, map_totalseg_to_flare, sample_ct
-from test_invariance import (  # noqa: F401  (no_hang, one_thread: autouse fixtures)
+from test_invariance import (  # noqa: F401  (no_hang: an autouse fixture)
     assert_same_geometry,
     assert_same_physical_labels,
     check_invariance,
     flipped,
     no_hang,
-    one_thread,
     rotated,
     save,
     segment_batch,

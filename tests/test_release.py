@@ -42,13 +42,6 @@ ORGANS = ["right_adrenal_gland", "left_adrenal_gland", "gallbladder", "esophagus
 VERSION = {b: json.loads((BUNDLES / b / "configs" / "metadata.json").read_text())["version"] for b in ALL_BUNDLES}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread (two threads are many times slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _zip_name(bundle):
