@@ -363,7 +363,8 @@ class CropFromMask(InvertibleTransform):
         min_size_mm: optional per-axis minimum box size in millimetres; a smaller box grows about the organ's
             centre (and slides inside the volume at the border).
         mode: interpolation of the crop: ``"trilinear"`` for images, ``"nearest"`` for label maps, ``"soft"`` for
-            training targets: a FLARE-id label map becomes background + ``labels`` one-hot inside the crop and is
+            training targets: a FLARE-id label map becomes background + ``soft_classes`` (default ``labels``; the
+            locator crops the box of all foreground but learns only the small organs) one-hot inside the crop and is
             resized linearly, so the target holds the fraction of each class in each output voxel. A network
             trained on soft targets and fused linearly (as the cascade does) keeps organ boundaries that a hard
             nearest-resized target loses at 160^3 (see ``benchmarks/geometric_ceiling.py``).
@@ -403,8 +404,10 @@ class CropFromMask(InvertibleTransform):
         min_size_mm: Sequence[float] | float | None = None,
         mode: str = "trilinear",
         mask_grid: str = "auto",
+        soft_classes: Sequence[int] | None = None,
     ):
         self.labels = None if labels is None else tuple(int(v) for v in labels)
+        self.soft_classes = self.labels if soft_classes is None else tuple(int(v) for v in soft_classes)
         self.spatial_size = spatial_size
         self.margin_mm = margin_mm
         self.min_size_mm = min_size_mm
@@ -477,7 +480,7 @@ class CropFromMask(InvertibleTransform):
         out_size = tuple(int(s) for s in fall_back_tuple(wanted, box_size(box)))
         mode = self.mode if mode is None else mode
         if mode == "soft":
-            data = soft_labels(img_t[(slice(None),) + box_slices(box)], self.labels)
+            data = soft_labels(img_t[(slice(None),) + box_slices(box)], self.soft_classes)
             data = resize_spatial(data, out_size, "trilinear")
         else:
             data = crop_resize(img_t, box, out_size, mode)
@@ -571,8 +574,9 @@ class RandCropFromMask(_BoxJitter, CropFromMask):
         jitter_margin_mm=0.0,
         jitter_shift_mm=0.0,
         prob: float = 1.0,
+        soft_classes: Sequence[int] | None = None,
     ):
-        CropFromMask.__init__(self, labels, spatial_size, margin_mm, min_size_mm, mode, mask_grid)
+        CropFromMask.__init__(self, labels, spatial_size, margin_mm, min_size_mm, mode, mask_grid, soft_classes)
         self._init_jitter(jitter_margin_mm, jitter_shift_mm, prob)
 
     def __call__(self, img, mask, mode: str | None = None, randomize: bool = True) -> torch.Tensor:
@@ -612,12 +616,15 @@ class CropFromMaskd(MapTransform, InvertibleTransform):
         box_key: str | None = BOX_META_KEY,
         skipped_key: str | None = SKIPPED_META_KEY,
         allow_missing_keys: bool = False,
+        soft_classes: Sequence[int] | None = None,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.mask_key = mask_key
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         self.box_key, self.skipped_key = box_key, skipped_key
-        self.cropper = CropFromMask(labels, spatial_size, margin_mm, min_size_mm, self.mode[0], mask_grid)
+        self.cropper = CropFromMask(
+            labels, spatial_size, margin_mm, min_size_mm, self.mode[0], mask_grid, soft_classes
+        )
 
     def _jitter(self, ndim: int):
         return None, None
@@ -672,10 +679,11 @@ class RandCropFromMaskd(_BoxJitter, CropFromMaskd):
         box_key: str | None = BOX_META_KEY,
         skipped_key: str | None = SKIPPED_META_KEY,
         allow_missing_keys: bool = False,
+        soft_classes: Sequence[int] | None = None,
     ):
         CropFromMaskd.__init__(
             self, keys, mask_key, labels, spatial_size, margin_mm, min_size_mm, mode, mask_grid, box_key,
-            skipped_key, allow_missing_keys,
+            skipped_key, allow_missing_keys, soft_classes,
         )
         self._init_jitter(jitter_margin_mm, jitter_shift_mm, prob)
 

@@ -511,3 +511,24 @@ def test_invertd_through_orientation_to_the_original_file_grid():
     np.testing.assert_allclose(out.affine.numpy(), lps.numpy(), atol=1e-9)
     for organ in GROUPS["solid"]:
         assert dsc(out.numpy()[0] == organ, lab.numpy()[0] == organ) >= 0.99
+
+
+def test_soft_targets_for_other_classes_than_the_box():
+    """The locator crops the box of all foreground but learns only the small organs: soft one-hot of those."""
+    import torch
+    from monai.data import MetaTensor
+
+    from flare_c2f_extensions.transforms import CropFromMaskd
+
+    label = torch.zeros(1, 40, 40, 30, dtype=torch.uint8)
+    label[0, 5:30, 5:30, 5:25] = 1  # a big organ: only defines the box
+    label[0, 10:14, 10:14, 10:14] = 7
+    affine = torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0]))
+    data = {"image": MetaTensor(label.float(), affine=affine), "label": MetaTensor(label, affine=affine)}
+    out = CropFromMaskd(
+        ["image", "label"], "label", labels=None, spatial_size=20, mode=["trilinear", "soft"], soft_classes=(7, 8)
+    )(data)["label"]
+    assert out.shape == (3, 20, 20, 20)
+    assert torch.allclose(out.sum(0), torch.ones(20, 20, 20))
+    assert out[1].sum() > 0 and out[2].sum() == 0  # organ 7 present, organ 8 absent; the liver is background
+    assert tuple(int(v) for v in data["label"].shape[1:]) == (40, 40, 30)
