@@ -61,6 +61,7 @@ from .transforms import (
 
 logger = logging.getLogger(__name__)
 
+BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"  # the bundles beside the package
 STAGE_BUNDLES = {
     "coarse": "flare22_coarse",
     "solid": "flare22_fine_solid",
@@ -230,7 +231,7 @@ class Cascade:
         (default the four small organs).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        bundles_dir = Path(bundles_dir) if bundles_dir is not None else Path(__file__).resolve().parents[1] / "bundles"
+        bundles_dir = Path(bundles_dir) if bundles_dir is not None else BUNDLES_DIR
         dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
         dirs.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
         overrides = dict(stage_overrides or {})
@@ -364,7 +365,7 @@ def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir:
     return result
 
 
-__all__ = ["Cascade", "CaseResult", "Stage", "default_amp", "load_stage", "segment_to_file", "STAGE_BUNDLES"]
+__all__ = ["Cascade", "CaseResult", "Stage", "default_amp", "load_stage", "segment_to_file", "BUNDLES_DIR", "STAGE_BUNDLES"]
 
 
 class CascadeRunner:

@@ -12,19 +12,21 @@ import logging
 import time
 from pathlib import Path
 
+from .cascade import BUNDLES_DIR, STAGE_BUNDLES
 from .labels import GROUPS, ORGANS
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-
-# Every stage's bundle and training overrides for a quick CPU run (ordinary config overrides). A high learning
-# rate and small grids let each stage learn in about a minute on two cores.
+# Training overrides of every stage for a quick CPU run (ordinary config overrides). A high learning rate and
+# small grids let each stage learn in about a minute on two cores.
 QUICK_STAGES = {
-    "coarse": ("flare22_coarse", {"spatial_size": [48, 48, 48], "max_epochs": 60}),
-    "solid": ("flare22_fine_solid", {"spatial_size": [48, 48, 48], "max_epochs": 40}),
-    "digestive": ("flare22_fine_digestive", {"spatial_size": [48, 48, 48], "max_epochs": 40}),
-    "vessels": ("flare22_fine_vessels", {"spatial_size": [48, 48, 48], "max_epochs": 40}),
-    "locator": ("flare22_small_locator", {"spatial_size": [48, 48, 48], "max_epochs": 40}),
-    "refiner": ("flare22_small_refiner", {"spatial_size": [32, 32, 32], "max_epochs": 40}),
+    name: (STAGE_BUNDLES[name], settings)
+    for name, settings in {
+        "coarse": {"spatial_size": [48, 48, 48], "max_epochs": 60},
+        "solid": {"spatial_size": [48, 48, 48], "max_epochs": 40},
+        "digestive": {"spatial_size": [48, 48, 48], "max_epochs": 40},
+        "vessels": {"spatial_size": [48, 48, 48], "max_epochs": 40},
+        "locator": {"spatial_size": [48, 48, 48], "max_epochs": 40},
+        "refiner": {"spatial_size": [32, 32, 32], "max_epochs": 40},
+    }.items()
 }
 QUICK_NETWORK = {"network_def#channels": [8, 16, 32, 32, 64]}
 # Elastic deformation (sigma 3 to 5, magnitude 100 to 200) crushes the small organs of 48^3 grids and halves
@@ -32,13 +34,13 @@ QUICK_NETWORK = {"network_def#channels": [8, 16, 32, 32, 64]}
 QUICK_TRAINING = {"device": "cpu", "num_workers": 0, "batch_size": 2, "learning_rate": 0.01, "elastic_prob": 0.0}
 
 
-def run_bundle(bundle: str, configs, workflow_type, bundle_root, bundles_dir=BUNDLES, **overrides):
-    """Initialise, check, run and finalise a bundle's ``ConfigWorkflow`` (configs overlay left to right)."""
+def bundle_workflow(bundle: str, configs, workflow_type, bundle_root, bundles_dir=BUNDLES_DIR, **overrides):
+    """A ``ConfigWorkflow`` of ``bundles_dir/<bundle>`` with ``configs`` (one name or a list, later ones overlay)."""
     from monai.bundle import ConfigWorkflow
 
     config_dir = Path(bundles_dir) / bundle / "configs"
     names = [configs] if isinstance(configs, str) else list(configs)
-    workflow = ConfigWorkflow(
+    return ConfigWorkflow(
         config_file=[str(config_dir / name) for name in names],
         meta_file=str(config_dir / "metadata.json"),
         logging_file=str(config_dir / "logging.conf"),
@@ -46,6 +48,11 @@ def run_bundle(bundle: str, configs, workflow_type, bundle_root, bundles_dir=BUN
         bundle_root=str(bundle_root),
         **overrides,
     )
+
+
+def run_bundle(bundle: str, configs, workflow_type, bundle_root, bundles_dir=BUNDLES_DIR, **overrides):
+    """Initialise, check, run and finalise a bundle's ``ConfigWorkflow`` (configs overlay left to right)."""
+    workflow = bundle_workflow(bundle, configs, workflow_type, bundle_root, bundles_dir, **overrides)
     workflow.initialize()
     missing = workflow.check_properties()
     if missing:
@@ -55,7 +62,7 @@ def run_bundle(bundle: str, configs, workflow_type, bundle_root, bundles_dir=BUN
     return workflow
 
 
-def train_stages(data: Path, out: Path, network: dict, stages=QUICK_STAGES, bundles_dir=BUNDLES, epochs=None) -> dict:
+def train_stages(data: Path, out: Path, network: dict, stages=QUICK_STAGES, bundles_dir=BUNDLES_DIR, epochs=None) -> dict:
     """Train every stage briefly through its bundle's train.json; returns the cascade's stage overrides.
 
     ``epochs`` (if given) replaces every stage's ``max_epochs``.
@@ -106,7 +113,7 @@ def quickstart(
     stage_overrides = train_stages(data, out / "bundles", network, stages or QUICK_STAGES, epochs=epochs)
 
     predictions = out / "predictions"
-    cascade = Cascade.from_bundles(BUNDLES, device="cpu", stage_overrides=stage_overrides)
+    cascade = Cascade.from_bundles(BUNDLES_DIR, device="cpu", stage_overrides=stage_overrides)
     CascadeRunner(cascade, find_images(data, "imagesTs"), predictions, overwrite=True).run()
     summary = evaluate_folder(str(predictions), str(data / "labelsTs"), str(out / "evaluation"))
     for image in sorted((data / "imagesTs").glob("*.nii.gz")):

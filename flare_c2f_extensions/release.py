@@ -32,9 +32,10 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
+from .cascade import BUNDLES_DIR
+
 logger = logging.getLogger(__name__)
 
-BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
 FILE_MODE = 0o644
 EXCLUDED_TOP_DIRS = {"eval", "runs", "mlruns"}  # outputs written inside a bundle by its configs

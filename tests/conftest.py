@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flare_c2f_extensions.quickstart import bundle_workflow  # noqa: F401  (the tests run bundles the quickstart's way)
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
@@ -21,22 +23,6 @@ TINY = {
     "num_workers": 0,
 }
 TINY_TRAIN = {**TINY, "batch_size": 2, "num_val": 1, "max_epochs": 1, "val_interval": 1}
-
-
-def bundle_workflow(bundle: str, configs, workflow_type, bundle_root, **overrides):
-    """A ``ConfigWorkflow`` of ``bundles/<bundle>`` with ``configs`` (one name or a list, later ones overlay)."""
-    from monai.bundle import ConfigWorkflow
-
-    config_dir = BUNDLES / bundle / "configs"
-    names = [configs] if isinstance(configs, str) else list(configs)
-    return ConfigWorkflow(
-        config_file=[str(config_dir / n) for n in names],
-        meta_file=str(config_dir / "metadata.json"),
-        logging_file=str(config_dir / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(bundle_root),
-        **overrides,
-    )
 
 
 @pytest.fixture(scope="session")

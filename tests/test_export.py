@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import BUNDLES
-from flare_c2f_extensions.cascade import Cascade
+from flare_c2f_extensions.cascade import STAGE_BUNDLES, Cascade
+from flare_c2f_extensions.labels import GROUPS, ORGANS
 from flare_c2f_extensions.export import export_checkpoint
 
 import onnxruntime
@@ -22,15 +23,8 @@ import onnxscript  # noqa: F401  (the test extra installs onnx, onnxscript and o
 TINY_CHANNELS = [4, 8, 8, 8, 8]
 TINY_SIZE = [32, 32, 32]
 TINY = {"network_def#channels": TINY_CHANNELS, "spatial_size": TINY_SIZE}
-STAGES = {  # cascade stage -> bundle
-    "coarse": "flare22_coarse",
-    "solid": "flare22_fine_solid",
-    "digestive": "flare22_fine_digestive",
-    "vessels": "flare22_fine_vessels",
-    "locator": "flare22_small_locator",
-    "refiner": "flare22_small_refiner",
-}
-REFINER_ORGANS = ["right_adrenal_gland", "left_adrenal_gland", "gallbladder", "esophagus"]
+STAGES = STAGE_BUNDLES  # cascade stage -> bundle
+REFINER_ORGANS = [ORGANS[label] for label in GROUPS["small"]]
 TS_TOLERANCE = 1e-5  # same kernels: expected 0
 ONNX_TOLERANCE = 1e-3  # onnxruntime's kernels sum in another order: about 2e-5 seen on tiny networks
 PAPER_ONNX_TOLERANCE = 1e-2  # about 5e-4 seen at 128^3 and 2e-3 at 160^3 on paper-size networks (logits ~10)

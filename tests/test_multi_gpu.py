@@ -14,15 +14,9 @@ import pytest
 import torch
 
 from conftest import BUNDLES, TINY_TRAIN, bundle_workflow
+from flare_c2f_extensions.cascade import STAGE_BUNDLES
 
-TRAINABLE = [
-    "flare22_coarse",
-    "flare22_fine_solid",
-    "flare22_fine_digestive",
-    "flare22_fine_vessels",
-    "flare22_small_locator",
-    "flare22_small_refiner",
-]
+TRAINABLE = list(STAGE_BUNDLES.values())
 
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import BUNDLES
+from flare_c2f_extensions.cascade import STAGE_BUNDLES as CASCADE_STAGES
 from flare_c2f_extensions.release import ReleaseError, download_release, pack, verify_release
 
 pytestmark = [
@@ -29,14 +30,7 @@ pytestmark = [
 
 TINY_CHANNELS = [4, 8, 8, 8, 8]
 TINY = {"spatial_size": [32, 32, 32], "network_def#channels": TINY_CHANNELS, "num_workers": 0}
-STAGE_BUNDLES = [
-    "flare22_coarse",
-    "flare22_fine_solid",
-    "flare22_fine_digestive",
-    "flare22_fine_vessels",
-    "flare22_small_locator",
-    "flare22_small_refiner",
-]
+STAGE_BUNDLES = list(CASCADE_STAGES.values())
 ALL_BUNDLES = [*STAGE_BUNDLES, "flare22_cascade"]
 ORGANS = ["right_adrenal_gland", "left_adrenal_gland", "gallbladder", "esophagus"]
 VERSION = {b: json.loads((BUNDLES / b / "configs" / "metadata.json").read_text())["version"] for b in ALL_BUNDLES}
