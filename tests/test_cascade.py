@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from conftest import BUNDLES, SCHEMA, bundle_workflow
+from conftest import BUNDLES, bundle_workflow
 from flare_c2f_extensions import data as data_module
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
 from flare_c2f_extensions.data import read_ct
@@ -38,8 +38,11 @@ def random_cascade():
     return Cascade.from_bundles(BUNDLES, device="cpu", stage_overrides=TINY_STAGES, require_weights=False)
 
 
-def test_metadata_and_entry_network():
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+def test_metadata_matches_schema(schema):
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=schema)
+
+
+def test_entry_network_matches_metadata():
     verify_net_in_out(
         net_id="network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.json"),
         device="cpu", n=1, **{"network_def#channels": [4, 8, 8, 8, 8]},

@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from conftest import BUNDLES, SCHEMA, TINY, TINY_TRAIN, bundle_workflow
+from conftest import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 
 BUNDLE = "flare22_coarse"
 CONFIGS = BUNDLES / BUNDLE / "configs"
 
 
-def test_metadata_matches_schema():
-    assert SCHEMA.is_file(), f"schema copy missing at {SCHEMA}"
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+def test_metadata_matches_schema(schema):
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=schema)
 
 
 def test_network_matches_metadata_at_paper_size():

@@ -18,7 +18,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from monai.utils import set_determinism
 
-from conftest import BUNDLES, SCHEMA, TINY, TINY_TRAIN, bundle_workflow
+from conftest import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 from flare_c2f_extensions.data import InputError, input_error_in, labelled_cases
 from flare_c2f_extensions.labels import GROUPS, ORGANS, channel_def
 
@@ -123,9 +123,8 @@ def test_metadata_differs_only_in_group_fields(bundle):
 
 
 @pytest.mark.parametrize("bundle", FINE)
-def test_metadata_matches_schema(bundle):
-    assert SCHEMA.is_file(), f"schema copy missing at {SCHEMA}"
-    verify_metadata(meta_file=str(_configs(bundle) / "metadata.json"), filepath=str(SCHEMA))
+def test_metadata_matches_schema(bundle, schema):
+    verify_metadata(meta_file=str(_configs(bundle) / "metadata.json"), filepath=schema)
 
 
 @pytest.mark.parametrize("bundle", FINE)

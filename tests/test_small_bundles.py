@@ -20,7 +20,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from conftest import BUNDLES, SCHEMA, TINY, TINY_TRAIN, bundle_workflow
+from conftest import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 from flare_c2f_extensions.data import labelled_cases
 from flare_c2f_extensions.labels import GROUPS, ORGAN_IDS, ORGANS, REFINER_MIN_SIZE_MM, channel_def
 
@@ -98,9 +98,8 @@ def test_layout_and_json_format(bundle):
 
 
 @pytest.mark.parametrize("bundle", [LOCATOR, REFINER])
-def test_metadata_matches_schema(bundle):
-    assert SCHEMA.is_file(), f"schema copy missing at {SCHEMA}"
-    verify_metadata(meta_file=str(_configs(bundle) / "metadata.json"), filepath=str(SCHEMA))
+def test_metadata_matches_schema(bundle, schema):
+    verify_metadata(meta_file=str(_configs(bundle) / "metadata.json"), filepath=schema)
 
 
 def test_metadata_describes_the_outputs():
