@@ -1,21 +1,23 @@
 """The whole flow, as the README's main command runs it, shrunk: every stage trained briefly through its own
-bundle, the cascade on held-out cases, the FLARE22 evaluation and an overlay per case."""
+bundle, the cascade on held-out cases, the FLARE22 evaluation and an overlay per case; one line per stage on the
+terminal, the bundles' logs in a file."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from flare_c2f_extensions.quickstart import QUICK_STAGES, quickstart
+from flare_c2f_extensions.quickstart import LOG_NAME, QUICK_STAGES, logs_to_file, quickstart, stage_runs
 
 
-def test_quickstart_end_to_end(tmp_path):
+def test_quickstart_end_to_end(tmp_path, capsys):
     tiny_stages = {name: (bundle, {**settings, "spatial_size": [32, 32, 32]}) for name, (bundle, settings) in QUICK_STAGES.items()}
     summary = quickstart(
-        out=str(tmp_path), n_train=4, n_test=2, epochs=1, seed=3, shape=(48, 48, 32),
+        out=str(tmp_path), n_train=4, n_test=2, epochs=2, seed=3, shape=(48, 48, 32),
         network={"network_def#channels": [4, 8, 8, 8, 8]}, stages=tiny_stages,
     )
     assert summary["num_cases"] == 2 and summary["missing_predictions"] == []
@@ -29,7 +31,38 @@ def test_quickstart_end_to_end(tmp_path):
         prediction = nib.load(str(tmp_path / "predictions" / f"{case}.nii.gz"))
         assert prediction.shape == nib.load(str(image)).shape
         png = Image.open(tmp_path / "overlays" / f"{case}.png")
-        assert png.mode == "RGB" and png.width > png.height > 0
-        assert np.asarray(png).std() > 0
+        assert png.mode == "RGB" and png.width >= 900 and np.asarray(png).std() > 0
     assert (tmp_path / "evaluation" / "metrics.csv").is_file()
     assert (tmp_path / "predictions" / "efficiency.json").is_file()
+
+    # the terminal: a line per stage (cohort, 9 trainings, cascade, evaluation, overlays) and the final table only
+    terminal = capsys.readouterr().out
+    stages = len(stage_runs()) + 4
+    progress = [line for line in terminal.splitlines() if line.startswith("[")]
+    assert len(progress) == stages == 13 and progress[-1].startswith(f"[{stages}/{stages}] draw overlays")
+    assert "train refiner gallbladder" in terminal and "Epoch" not in terminal and "train_loss" not in terminal
+    # the log file: every training iteration of every run (2 epochs each here), and the validations
+    log = (tmp_path / LOG_NAME).read_text()
+    assert log.count("Epoch: 2/2") >= len(stage_runs()) and "train_loss" in log
+
+
+def test_logs_to_file_restores_the_terminal(tmp_path, capsys):
+    logger = logging.getLogger("flare_c2f_test_logs")
+    logger.handlers[:] = [logging.StreamHandler()]  # created before: writes to the terminal's stderr
+    logger.propagate = False
+    with logs_to_file(tmp_path / "run.log"):
+        print("inside print")
+        logger.warning("inside log")
+        made_inside = logging.getLogger("flare_c2f_test_logs.inner")
+        made_inside.addHandler(logging.StreamHandler(__import__("sys").stdout))
+        made_inside.propagate = False
+        made_inside.warning("inner log")
+    print("outside print")
+    logger.warning("outside log")
+    made_inside.warning("inner outside")
+    captured = capsys.readouterr()
+    log = (tmp_path / "run.log").read_text()
+    assert "inside print" in log and "inside log" in log and "inner log" in log
+    assert "inside" not in captured.out.replace("outside", "") and "inside" not in captured.err.replace("outside", "")
+    assert "outside print" in captured.out and "outside log" in captured.err and "inner outside" in captured.out
+    assert "outside" not in log
