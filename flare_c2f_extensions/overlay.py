@@ -87,7 +87,7 @@ def overlay_figure(ct, pred, gt=None, spacing=(1.0, 1.0, 1.0), width: int = 1600
     scale = (width - gaps) / (len(rows) * sum(w for w, _ in mm.values()))
     sizes = {v: (max(1, round(w * scale)), max(1, round(h * scale))) for v, (w, h) in mm.items()}
     font, small = _font(20), _font(15)
-    top = MARGIN + 58 if title else MARGIN + 34
+    top = MARGIN + 68 if title else MARGIN + 44
     organs = [o for o in ORGANS if any((labels == o).any() for labels in rows.values())]
     legend_top = top + max(h for _, h in sizes.values()) + 14
     legend_rows = -(-len(organs) // 5)
@@ -98,12 +98,12 @@ def overlay_figure(ct, pred, gt=None, spacing=(1.0, 1.0, 1.0), width: int = 1600
     layout, x = {"panels": {}, "legend": {}}, MARGIN
     for view, (_, _, sliced, letters) in VIEWS.items():
         y = top + (legend_top - 14 - top - sizes[view][1]) // 2  # panels centred on the tallest one
-        draw.text((x, y - 34), view, fill=WHITE, font=font)
+        draw.text((x, y - 44), view, fill=WHITE, font=font)
         for row, labels in rows.items():
             box = (x, y, x + sizes[view][0], y + sizes[view][1])
             ct_slice, label_slice = _display(ct, view, centre[sliced]), _display(labels, view, centre[sliced])
             figure.paste(_panel(ct_slice, label_slice, sizes[view]), box[:2])
-            draw.text((x, y - 14), row, fill=GREY, font=small)
+            draw.text((x, y - 20), row, fill=GREY, font=small)
             draw.text((x + 3, (box[1] + box[3]) // 2 - 8), letters[0], fill=WHITE, font=small)
             draw.text((box[2] - 13, (box[1] + box[3]) // 2 - 8), letters[1], fill=WHITE, font=small)
             layout["panels"][(view, row)] = box
