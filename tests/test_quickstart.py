@@ -11,14 +11,14 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from flare_c2f_extensions.quickstart import LOG_NAME, QUICK_STAGES, logs_to_file, quickstart, stage_runs
+from flare_c2f_extensions.quickstart import LOG_DIR, QUICK_STAGES, logs_to_file, quickstart, stage_runs
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):
     tiny_stages = {name: (bundle, {**settings, "spatial_size": [32, 32, 32]}) for name, (bundle, settings) in QUICK_STAGES.items()}
     summary = quickstart(
         out=str(tmp_path), n_train=4, n_test=2, epochs=2, seed=3, shape=(48, 48, 32),
-        network={"network_def#channels": [4, 8, 8, 8, 8]}, stages=tiny_stages,
+        network={"network_def#channels": [4, 8, 8, 8, 8]}, stages=tiny_stages, workers=2,
     )
     assert summary["num_cases"] == 2 and summary["missing_predictions"] == []
     assert len(summary["organs"]) == 13 and 0.0 <= summary["mean_DSC"] <= 1.0
@@ -41,9 +41,14 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     progress = [line for line in terminal.splitlines() if line.startswith("[")]
     assert len(progress) == stages == 13 and progress[-1].startswith(f"[{stages}/{stages}] draw overlays")
     assert "train refiner gallbladder" in terminal and "Epoch" not in terminal and "train_loss" not in terminal
-    # the log file: every training iteration of every run (2 epochs each here), and the validations
-    log = (tmp_path / LOG_NAME).read_text()
-    assert log.count("Epoch: 2/2") >= len(stage_runs()) and "train_loss" in log
+    # the log files: one per training run (2 epochs each here) with every iteration, and the main one
+    logs = tmp_path / LOG_DIR
+    runs = sorted(p.stem for p in logs.glob("*.log") if p.stem not in ("quickstart", "workers"))
+    assert len(runs) == len(stage_runs()) and "refiner_gallbladder" in runs and "coarse" in runs
+    for run in runs:
+        log = (logs / f"{run}.log").read_text()
+        assert "Epoch: 2/2, Iter: 1/" in log and "train_loss" in log and "val_mean_dice" in log, run
+    assert "evaluate" in (logs / "quickstart.log").read_text()  # the bars of the cascade and the evaluation
 
 
 def test_logs_to_file_restores_the_terminal(tmp_path, capsys):
