@@ -2,7 +2,7 @@
 
 For every checkpoint in ``models/`` (``model.pt``; the refiner's ``model_<organ>.pt``) this runs
 
-- ``monai.bundle ckpt_export`` (TorchScript, traced: ``ResUNetASPP.forward`` is not scriptable) to ``<stem>.ts``;
+- ``monai.bundle ckpt_export`` (TorchScript, scripted as the model zoo does by default) to ``<stem>.ts``;
 - ``monai.bundle onnx_export`` (torch's ONNX exporter; needs ``onnx`` and ``onnxscript``) to ``<stem>.onnx``;
 
 and, with ``check=True``, runs the PyTorch network, the TorchScript module and the ONNX model (onnxruntime) on the
@@ -98,8 +98,7 @@ def export_checkpoint(
     if "ts" in formats:
         start = time.perf_counter()
         result["ts"] = str(out_dir / f"{checkpoint.stem}.ts")
-        # check_trace=False: torch.jit.trace would run the network twice more; compare() checks the module instead
-        ckpt_export(filepath=result["ts"], use_trace=True, converter_kwargs={"check_trace": False}, **common)
+        ckpt_export(filepath=result["ts"], **common)
         result["seconds"]["ts_export"] = round(time.perf_counter() - start, 2)
     if "onnx" in formats:
         start = time.perf_counter()
