@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def phantom(out: str, n: int = 4, seed: int = 0, **options):
-    """Write a synthetic FLARE22-layout cohort (see ``flare_c2f_extensions.phantom.write_cohort``)."""
+    """Write a synthetic FLARE22-layout cohort (see ``flare_c2f_extensions.phantom.write_cohort``); ``--n_test``
+    held-out cases, ``--n_unlabelled`` unlabelled ones (``imagesUnlabelled/``, truth aside in ``truthUnlabelled/``)."""
     from .phantom import write_cohort
 
     return write_cohort(out, n=n, seed=seed, **options)
