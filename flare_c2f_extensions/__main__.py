@@ -101,9 +101,49 @@ def export(bundle_dir: str, formats: str = "ts,onnx", out: str | None = None, ov
         print(json.dumps(item))
 
 
+def pseudo_label(
+    bundles_dir: str | None = None,
+    input: str | None = None,
+    output: str | None = None,
+    reference: str | None = None,
+    rule=None,
+    device: str | None = None,
+    stage_overrides=None,
+    require_weights=True,
+    overwrite=False,
+):
+    """Pseudo-label unlabelled CTs with a teacher and gate each case:
+    ``flare-c2f pseudo_label --bundles_dir TEACHER -i UNLABELLED -o OUT [--reference D/labelsTr]``.
+
+    Writes ``OUT/labels/<case>.nii.gz``, ``OUT/signals/<case>.json`` (per organ: confidence mean and percentiles,
+    volume, components the largest-component step dropped; organs missing), ``OUT/quality.json``/``.csv`` with
+    each case's ``keep`` and reasons, and ``OUT/kept.json`` (a datalist of the kept cases). ``--reference``: the
+    labelled cohort's label maps (or a ``volume_reference.json``) for the organ volume check. ``--rule`` overrides
+    thresholds (JSON, e.g. ``'{"min_mean_confidence": 0.9}'``, or a JSON file); a rerun skips finished cases and
+    gates them again with the new rule. ``--require_weights false`` runs random weights (plumbing only).
+    """
+    import json
+
+    from .cascade import Cascade
+    from .data import InputError
+    from .pseudo_label import pseudo_label as run
+
+    try:
+        if bundles_dir is None or input is None or output is None:
+            raise InputError("pseudo_label needs a teacher, an input and an output: --bundles_dir DIR -i IN -o OUT")
+        overrides = json.loads(stage_overrides) if isinstance(stage_overrides, str) else stage_overrides
+        teacher = Cascade.from_bundles(bundles_dir, device=device, stage_overrides=overrides,
+                                       require_weights=str(require_weights).lower() not in ("false", "0", "no"))
+        report = run(teacher, input, output, reference=reference, rule=rule, overwrite=bool(overwrite))
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"{report['num_kept']} of {report['num_cases']} case(s) kept ({report['num_failed']} failed): {output}")
+
+
 COMMANDS = {
     "quickstart": quickstart,
     "phantom": phantom,
+    "pseudo_label": pseudo_label,
     "evaluate": evaluate,
     "network_info": network_info,
     "sample_ct": sample_ct,
