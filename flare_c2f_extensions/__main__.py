@@ -111,6 +111,7 @@ def pseudo_label(
     stage_overrides=None,
     require_weights=True,
     overwrite=False,
+    seed: int = 0,
 ):
     """Pseudo-label unlabelled CTs with a teacher and gate each case:
     ``flare-c2f pseudo_label --bundles_dir TEACHER -i UNLABELLED -o OUT [--reference D/labelsTr]``.
@@ -120,23 +121,37 @@ def pseudo_label(
     each case's ``keep`` and reasons, and ``OUT/kept.json`` (a datalist of the kept cases). ``--reference``: the
     labelled cohort's label maps (or a ``volume_reference.json``) for the organ volume check. ``--rule`` overrides
     thresholds (JSON, e.g. ``'{"min_mean_confidence": 0.9}'``, or a JSON file); a rerun skips finished cases and
-    gates them again with the new rule. ``--require_weights false`` runs random weights (plumbing only).
+    gates them again with the new rule. ``--require_weights false`` runs random weights seeded by ``--seed``
+    (plumbing only). Under ``torchrun`` the cases are shared between the ranks, each on its own device.
     """
     import json
 
+    import torch
+
     from .cascade import Cascade
     from .data import InputError
+    from .distributed import Ranks
     from .pseudo_label import pseudo_label as run
 
     try:
         if bundles_dir is None or input is None or output is None:
             raise InputError("pseudo_label needs a teacher, an input and an output: --bundles_dir DIR -i IN -o OUT")
         overrides = json.loads(stage_overrides) if isinstance(stage_overrides, str) else stage_overrides
+        ranks = Ranks.from_env()
+        device = ranks.device(device)
+        threads = ranks.threads(device=device)
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(int(seed))
         teacher = Cascade.from_bundles(bundles_dir, device=device, stage_overrides=overrides,
                                        require_weights=str(require_weights).lower() not in ("false", "0", "no"))
         report = run(teacher, input, output, reference=reference, rule=rule, overwrite=bool(overwrite))
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
+    finally:
+        Ranks.from_env().stop()
+    if "num_kept" not in report:
+        return  # not rank 0: rank 0 reports
     print(f"{report['num_kept']} of {report['num_cases']} case(s) kept ({report['num_failed']} failed): {output}")
 
 

@@ -58,6 +58,7 @@ from .data import (
     save_label_map,
     write_text_atomic,
 )
+from .distributed import Ranks
 from .labels import ORGANS
 
 logger = logging.getLogger(__name__)
@@ -255,20 +256,28 @@ def pseudo_label(
     Writes ``output_dir/labels/<case>.nii.gz``, ``output_dir/signals/<case>.json`` and the run's ``quality.json``,
     ``quality.csv`` and ``kept.json`` (see the module docstring); a case whose label map and signals exist is not
     segmented again unless ``overwrite``, but it is gated again. One bad case is reported and the others go on.
-    Returns the quality report.
+    Returns the quality report. Under ``torchrun`` each rank labels its share of the cases and rank 0 gates them
+    all and writes the report (the other ranks return ``{"rank": r, "cases": [their cases]}``).
     """
     rule = QualityRule.parse(rule)
     reference = load_volume_reference(reference)
     if isinstance(images, (str, os.PathLike)):
         images = [item["image"] for item in find_images(images, subdir="")]
     out = prepare_output_dir(output_dir)
-    if reference is not None:
-        write_text_atomic(json.dumps(reference, indent=4) + "\n", out / "volume_reference.json")
+    ranks = Ranks.from_env()  # under torchrun: this rank's share of the cases, then rank 0 gates them all
+    ranks.start()
+    mine = ranks.shard([str(image) for image in images], key=case_name)
     cases = []
-    bar = tqdm([str(image) for image in images], desc="pseudo-labels", unit="case", disable=not progress)
+    bar = tqdm(mine, desc="pseudo-labels", unit="case", disable=not progress or ranks.rank > 0)
     for image in bar:
         bar.set_postfix_str(case_name(image))
-        cases.append(_label_case(cascade, image, out, overwrite))
+        cases.append({**_label_case(cascade, image, out, overwrite), **({"rank": ranks.rank} if ranks.distributed else {})})
+    parts = ranks.gather(cases)
+    if parts is None:
+        return {"rank": ranks.rank, "cases": cases}
+    cases = sorted((case for part in parts for case in part), key=lambda case: case["case"])
+    if reference is not None:
+        write_text_atomic(json.dumps(reference, indent=4) + "\n", out / "volume_reference.json")
     for case in cases:
         if "signals" in case:
             case["keep"], case["reasons"] = decide(case["signals"], rule, reference)

@@ -223,3 +223,32 @@ def test_cli_writes_the_outputs_with_random_weight_stages(unlabelled, tmp_path):
     assert all(case["status"] == "done" for case in report["cases"])
     bad = subprocess.run(command[:-2] + ["--rule", '{"nope": 1}'], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: quality rule: unknown key")
+
+
+def test_torchrun_two_processes_label_each_case_once_and_match_one_process(unlabelled, tmp_path):
+    """Two ranks (gloo, CPU) share the cases; rank 0 gates them all; signals equal a one-process run's."""
+    args = [
+        "pseudo_label", "--bundles_dir", str(BUNDLES), "--input", str(unlabelled / "images"), "--device", "cpu",
+        "--reference", str(unlabelled / "labelsTr"), "--require_weights", "false",
+        "--stage_overrides", json.dumps({name: {**value, "spatial_size": [32, 32, 32]} for name, value in TINY_STAGES.items()}),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "flare_c2f_extensions", *args, "--output", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    logs = tmp_path / "logs"
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
+         "--redirects", "3", "-m", "flare_c2f_extensions", *args, "--output", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=400, env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:] + "".join(p.read_text()[-2000:] for p in logs.rglob("stderr.log"))
+    reports = {run: json.loads((tmp_path / run / "quality.json").read_text()) for run in ("one", "two")}
+    assert [case["case"] for case in reports["two"]["cases"]] == ["no_spleen", "noise", "normal"]
+    assert sorted(case["rank"] for case in reports["two"]["cases"]) == [0, 0, 1]  # round-robin by case name
+    for mine, theirs in zip(reports["one"]["cases"], reports["two"]["cases"]):
+        assert mine["signals"] == theirs["signals"] and mine["keep"] == theirs["keep"]
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(str(tmp_path / "one" / "labels" / f"{mine['case']}.nii.gz")).dataobj),
+            np.asarray(nib.load(str(tmp_path / "two" / "labels" / f"{mine['case']}.nii.gz")).dataobj),
+        )
