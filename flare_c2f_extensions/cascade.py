@@ -48,6 +48,7 @@ from .data import (
 )
 from .efficiency import ResourceMonitor
 from .labels import GROUPS, ORGANS, organ_id
+from .paths import BUNDLES_DIR, STAGE_BUNDLES, bundles_dir as default_bundles_dir
 from .transforms import (
     CropFromMask,
     box_affine,
@@ -60,16 +61,6 @@ from .transforms import (
 )
 
 logger = logging.getLogger(__name__)
-
-BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"  # the bundles beside the package
-STAGE_BUNDLES = {
-    "coarse": "flare22_coarse",
-    "solid": "flare22_fine_solid",
-    "digestive": "flare22_fine_digestive",
-    "vessels": "flare22_fine_vessels",
-    "locator": "flare22_small_locator",
-    "refiner": "flare22_small_refiner",
-}
 
 
 @dataclass
@@ -231,7 +222,7 @@ class Cascade:
         (default the four small organs).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        bundles_dir = Path(bundles_dir) if bundles_dir is not None else BUNDLES_DIR
+        bundles_dir = Path(bundles_dir) if bundles_dir is not None else default_bundles_dir()
         dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
         dirs.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
         overrides = dict(stage_overrides or {})
