@@ -19,6 +19,12 @@ from .data import InputError, _DicomSeries
 from .labels import ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, SNOMED_LATERALITY
 
 SERIES_NUMBER = 9901  # a series number unlikely to clash with the scanner's
+# Type 2 attributes (present, may be empty) that a SEG copies from its source images; anonymised series often lack
+# them, so they are added empty to the in-memory copies (the input files are not touched).
+PATIENT_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "StudyID", "AccessionNumber",
+)
 
 
 def _code(value: str, meaning: str):
@@ -52,6 +58,21 @@ def segment_descriptions(organs: Sequence[int]) -> list:
     return descriptions
 
 
+def check_source(series_folder: str | os.PathLike) -> None:
+    """:class:`InputError` now if the series cannot be the source of a SEG (checked before any network runs)."""
+    import pydicom
+
+    folder = Path(series_folder)
+    if not folder.is_dir():
+        raise InputError(
+            f"{folder}: --dicom_seg needs the DICOM series (a SEG references its slices), not a NIfTI file"
+        )
+    first = pydicom.dcmread(str(_DicomSeries.read(folder, pixels=False).files[0]), stop_before_pixels=True)
+    for keyword in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        if not str(first.get(keyword, "")):
+            raise InputError(f"{folder}: the DICOM series has no {keyword}, which a DICOM Segmentation must reference")
+
+
 def dicom_seg(labels: np.ndarray, series_folder: str | os.PathLike, organs: Sequence[int]):
     """The SEG dataset of ``labels`` (FLARE ids, in the series' array layout as ``data.read_ct`` reads it: column,
     row, slice) over the DICOM series in ``series_folder``; segments for ``organs``."""
@@ -65,6 +86,10 @@ def dicom_seg(labels: np.ndarray, series_folder: str | os.PathLike, organs: Sequ
     if labels.shape != series.shape:
         raise ValueError(f"{folder}: label map shape {labels.shape} differs from the series' {series.shape}")
     sources = [pydicom.dcmread(str(path)) for path in series.files]
+    for source in sources:
+        for keyword in PATIENT_STUDY_TYPE2:
+            if keyword not in source:
+                setattr(source, keyword, "")
     lut = np.zeros(256, dtype=np.uint8)
     lut[list(organs)] = np.arange(1, len(organs) + 1, dtype=np.uint8)
     frames = np.ascontiguousarray(lut[labels].transpose(2, 1, 0))  # (slice, row, column), one frame per source
@@ -85,4 +110,4 @@ def dicom_seg(labels: np.ndarray, series_folder: str | os.PathLike, organs: Sequ
     )
 
 
-__all__ = ["dicom_seg", "segment_descriptions"]
+__all__ = ["check_source", "dicom_seg", "segment_descriptions"]

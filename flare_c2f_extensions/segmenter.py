@@ -395,17 +395,17 @@ def run_segment(
     """``flare-c2f segment``: check everything that can be checked (inputs, output folder, organs, weights) before
     any network runs, then segment each input and write its outputs (:func:`outputs.write_case`) and a run report.
     A case that fails is reported and the others go on. Returns the report."""
-    from .data import is_nifti, prepare_output_dir
+    from .data import prepare_output_dir
     from .outputs import stem_of
 
     chosen = parse_organs(organs)
     images = resolve_inputs(input)
     targets = plan_targets(images, output)
     if dicom_seg:
+        from .dicom_seg import check_source
+
         for image in images:
-            if is_nifti(image):
-                raise InputError(f"{image}: --dicom_seg needs a DICOM series input (a SEG references the series' "
-                                 "slices); this is a NIfTI file")
+            check_source(image)
     check_weights(chosen, options)
     folder = prepare_output_dir(targets[0][1].parent)
     single_file = len(targets) == 1 and targets[0][1] == Path(str(output)).expanduser()
