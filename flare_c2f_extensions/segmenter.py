@@ -151,6 +151,30 @@ def weights_error(missing: Sequence[str]) -> InputError:
     )
 
 
+def parse_device(device):
+    """``torch.device`` of ``--device`` (``None``: CUDA if available, else CPU); :class:`InputError` for a device
+    that does not exist here."""
+    import torch
+
+    if device is None or device == "auto":
+        return None
+    try:
+        parsed = torch.device(str(device))
+    except RuntimeError as error:
+        raise InputError(f"--device {device}: {error}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    return parsed
+
+
+def parse_threads(threads) -> int | None:
+    if threads is None:
+        return None
+    if not str(threads).isdigit() or int(threads) < 1:
+        raise InputError(f"--threads: expected a positive whole number, got {threads!r}")
+    return int(threads)
+
+
 class _QuietRandomInit(logging.Filter):
     """Drop the per-stage 'using random initialisation' warnings: :func:`load_segmenter` says it once."""
 
@@ -180,10 +204,7 @@ def load_cascade(
         raise weights_error(missing)
     if missing:
         logger.warning("no weights for %d stage(s): they run with random weights (timing only)", len(missing))
-    try:
-        device = torch.device(device) if device is not None else None
-    except RuntimeError as error:
-        raise InputError(f"--device: {error}") from None
+    device = parse_device(device)
     cascade_logger = logging.getLogger("flare_c2f_extensions.cascade")
     quiet = _QuietRandomInit()
     cascade_logger.addFilter(quiet)
@@ -221,10 +242,9 @@ class Segmenter:
     ):
         import torch
 
+        threads = parse_threads(threads)
         if threads is not None:
-            if int(threads) < 1:
-                raise InputError(f"--threads: must be at least 1, got {threads}")
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(threads)
         self.organs = parse_organs(organs)
         amp = None if amp is None else as_bool(amp, "amp")
         self.cascade, self.random_weight_stages = load_cascade(
@@ -406,6 +426,8 @@ def run_segment(
 
         for image in images:
             check_source(image)
+    parse_device(options.get("device"))
+    parse_threads(options.get("threads"))
     check_weights(chosen, options)
     folder = prepare_output_dir(targets[0][1].parent)
     single_file = len(targets) == 1 and targets[0][1] == Path(str(output)).expanduser()

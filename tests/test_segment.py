@@ -117,7 +117,8 @@ def test_per_organ_masks_add_up_to_the_label_map(cli_run):
         assert not (union.astype(bool) & mask.astype(bool)).any()
         union[mask == 1] = organ
     assert np.array_equal(union, labels)
-    assert np.array_equal(nib.load(str(folder / "liver.nii.gz")).affine, nib.load(str(cli_run / "abdomen.nii.gz")).affine)
+    liver, whole = nib.load(str(folder / "liver.nii.gz")), nib.load(str(cli_run / "abdomen.nii.gz"))
+    assert np.array_equal(liver.affine, whole.affine) and liver.shape == whole.shape
 
 
 def test_statistics_are_exact(cli_run, phantom):
@@ -227,7 +228,8 @@ def test_dicom_series_gives_the_same_organs_and_a_dicom_seg(series, cli_run, tmp
         description = seg.get_segment_description(number)
         organ = ORGAN_IDS[description.segment_label]
         value, meaning, laterality = SNOMED_CT[organ]
-        assert (description.segmented_property_type.value, description.segmented_property_type.meaning) == (value, meaning)
+        code = description.segmented_property_type
+        assert (code.value, code.meaning) == (value, meaning)
         assert description.segmented_property_category.value == SNOMED_ANATOMICAL_STRUCTURE[0]
         modifiers = description.get("SegmentedPropertyTypeModifierCodeSequence", [])
         assert [m.CodeMeaning.lower() for m in modifiers] == ([laterality] if laterality else [])
@@ -276,6 +278,7 @@ def two_series_folder(series: Path, phantom: Path, tmp_path: Path) -> Path:
         ("two_series", "holds 2 DICOM series"),
         ("seg_of_nifti", "--dicom_seg needs the DICOM series"),
         ("no_weights", "no trained weights for stage coarse"),
+        ("zero_threads", "--threads: expected a positive whole number"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(problem, expected, phantom, series, tmp_path, capsys):
@@ -298,6 +301,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(problem, expected, phantom, se
         image = named = str(two_series_folder(series, phantom, tmp_path))
     elif problem == "seg_of_nifti":
         extra += ["--dicom_seg"]
+    elif problem == "zero_threads":
+        extra += ["--threads", "0"]
+        named = "0"
     elif problem == "no_weights":
         extra = ["--threads", "1"]
         named = "--require_weights false"
