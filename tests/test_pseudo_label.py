@@ -210,7 +210,7 @@ def test_rule_overrides_and_their_errors(tmp_path):
 def test_cli_writes_the_outputs_with_random_weight_stages(unlabelled, tmp_path):
     command = [
         sys.executable, "-m", "flare_c2f_extensions", "pseudo_label", "--bundles_dir", str(BUNDLES),
-        "--input", str(unlabelled / "images"), "--output", str(tmp_path / "out"), "--device", "cpu",
+        "-i", str(unlabelled / "images"), "-o", str(tmp_path / "out"), "--device", "cpu",
         "--reference", str(unlabelled / "labelsTr"), "--require_weights", "false",
         "--stage_overrides", json.dumps({name: {**value, "spatial_size": [32, 32, 32]} for name, value in TINY_STAGES.items()}),
     ]
