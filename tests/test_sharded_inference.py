@@ -105,3 +105,74 @@ def test_cascade_bundle_overlay_shards_the_cases_over_two_processes(cohort, tmp_
     shares = [set(rank["cases"]) for rank in report["ranks"]]
     assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == set(names)
     assert sorted(p.name for p in out.glob("efficiency*")) == ["efficiency.csv", "efficiency.json"]
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+    from flare_c2f_extensions.phantom import write_cohort
+
+    out = tmp_path_factory.mktemp("eight")
+    write_cohort(out, n=8, seed=5, shape=(48, 48, 32))
+    return out / "imagesTr"
+
+
+def _segment_args(images, output):
+    return ["-m", "flare_c2f_extensions", "segment", "-i", str(images), "-o", str(output), "--device", "cpu",
+            "--require_weights", "false", "--threads", "1", "--stage_overrides", json.dumps(TINY_STAGES)]
+
+
+def _label_maps(folder):
+    return {p.name: np.asarray(nib.load(str(p)).dataobj) for p in sorted(folder.glob("FLARE22_*.nii.gz"))}
+
+
+def test_torchrun_segment_writes_each_case_once_as_one_process_would(eight, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *_segment_args(eight, tmp_path / "one")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    _torchrun(_segment_args(eight, tmp_path / "two"), tmp_path / "logs")
+    expected, got = _label_maps(tmp_path / "one"), _label_maps(tmp_path / "two")
+    assert sorted(got) == [p.name.replace("_0000", "") for p in sorted(eight.iterdir())]
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert any(labels.any() for labels in got.values())  # the comparison is not between empty maps
+    report = json.loads((tmp_path / "two" / "segment_report.json").read_text())
+    names = [name.replace(".nii.gz", "") for name in sorted(expected)]
+    assert [case["case"] for case in report["cases"]] == names and {c["status"] for c in report["cases"]} == {"done"}
+    shares = [set(rank["cases"]) for rank in report["ranks"]]
+    assert len(shares) == 2 and all(shares) and not shares[0] & shares[1] and shares[0] | shares[1] == set(names)
+    assert report["threads"] == 1 and report["world_size"] == 2
+
+
+def test_a_killed_torchrun_segment_resumes_without_redoing_finished_cases(eight, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(logs), "--redirects", "3", *_segment_args(eight, out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("FLARE22_*.nii.gz")) and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for process in psutil.Process(launcher.pid).children(recursive=True) + [psutil.Process(launcher.pid)]:
+            process.send_signal(signal.SIGKILL)  # a hard kill: no handler runs, no report is written
+    finally:
+        launcher.wait(timeout=60)
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("FLARE22_*.nii.gz")}
+    assert 0 < len(finished) < 8, f"the kill should land mid-run: {sorted(finished)}"
+    assert not (out / "segment_report.json").exists()
+
+    _torchrun(_segment_args(eight, out), tmp_path / "logs2")
+    report = json.loads((out / "segment_report.json").read_text())
+    status = {case["case"] + ".nii.gz": case["status"] for case in report["cases"]}
+    assert len(report["cases"]) == 8 and len(status) == 8
+    assert {name for name, s in status.items() if s == "exists"} == set(finished)
+    assert {name for name, s in status.items() if s == "done"} == set(status) - set(finished)
+    for name, mtime in finished.items():
+        assert (out / name).stat().st_mtime_ns == mtime, f"{name} was written again"
+    assert sorted(_label_maps(out)) == sorted(status)  # every map whole and readable
