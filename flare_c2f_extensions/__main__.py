@@ -228,12 +228,43 @@ def pseudo_label(
     print(f"{report['num_kept']} of {report['num_cases']} case(s) kept ({report['num_failed']} failed): {output}")
 
 
+def self_train(
+    dataset_dir: str,
+    unlabelled: str,
+    out: str,
+    rounds: int = 1,
+    teacher: str | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    override=None,
+    num_val: int = 10,
+    labelled_repeat: int = 1,
+    rule=None,
+):
+    """Self-train on unlabelled CTs: ``flare-c2f self_train --dataset_dir D --unlabelled U --rounds K --out DIR``.
+
+    Round 0 trains the teacher on D's labelled cases (or takes ``--teacher BUNDLES``); each round then pseudo-labels
+    U with the best cascade so far (quality gate: ``--rule``, see ``pseudo_label``), trains a student on the labelled
+    training cases (``--labelled_repeat`` times) plus the kept pseudo-labels, and scores it on the last ``num_val``
+    labelled cases. ``DIR/self_train.json`` names the best round; its ``bundles`` folder is the result. ``--epochs``,
+    ``--device`` and ``--override`` go to every training as in ``train``. Rerunning resumes."""
+    from .data import InputError
+    from .self_train import self_train as run
+
+    overrides = list(override) if isinstance(override, (list, tuple)) else override
+    try:
+        run(dataset_dir, unlabelled, out, rounds, teacher, epochs, device, overrides, num_val, labelled_repeat, rule)
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 COMMANDS = {
     "segment": segment,
     "quickstart": quickstart,
     "train": train,
     "phantom": phantom,
     "pseudo_label": pseudo_label,
+    "self_train": self_train,
     "evaluate": evaluate,
     "network_info": network_info,
     "sample_ct": sample_ct,

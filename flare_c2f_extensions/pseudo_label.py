@@ -131,11 +131,15 @@ def organ_volumes_ml(label_map: np.ndarray, affine: np.ndarray) -> dict[str, flo
     return {name: float(counts[label]) * voxel_ml for label, name in ORGANS.items()}
 
 
-def volume_reference(labels_dir: str | os.PathLike) -> dict:
-    """Per organ, the range of volumes (ml) in a folder of labelled maps: ``{"organs": {name: {"min_ml", "max_ml",
-    "median_ml"}}, "cases": n, "source": folder}``. Organs absent from a map do not count for it."""
-    folder = Path(labels_dir)
-    files = sorted(p for p in folder.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz"))) if folder.is_dir() else []
+def volume_reference(labels: str | os.PathLike | Sequence[str | os.PathLike]) -> dict:
+    """Per organ, the range of volumes (ml) in a folder (or a list) of labelled maps: ``{"organs": {name: {"min_ml",
+    "max_ml", "median_ml"}}, "cases": n, "source": folder}``. Organs absent from a map do not count for it."""
+    if isinstance(labels, (str, os.PathLike)):
+        folder = Path(labels)
+        files = sorted(p for p in folder.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz"))) if folder.is_dir() else []
+    else:
+        files = [Path(p) for p in labels]
+        folder = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path("(no label maps)")
     if not files:
         raise InputError(f"{folder}: no label maps (*.nii.gz) to take the organ volume range from")
     volumes: dict[str, list[float]] = {name: [] for name in ORGANS.values()}
@@ -151,9 +155,11 @@ def volume_reference(labels_dir: str | os.PathLike) -> dict:
 
 
 def load_volume_reference(reference: str | os.PathLike | Mapping | None) -> dict | None:
-    """A volume reference from a labels folder (:func:`volume_reference`), a JSON file written by it, or as is."""
+    """A volume reference from a labels folder or list (:func:`volume_reference`), a JSON file it wrote, or as is."""
     if reference is None or isinstance(reference, Mapping):
         return reference
+    if isinstance(reference, (list, tuple)):
+        return volume_reference(reference)
     path = Path(reference)
     if path.is_dir():
         return volume_reference(path)
