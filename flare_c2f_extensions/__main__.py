@@ -275,7 +275,8 @@ COMMANDS = {
 }
 
 
-SHORT_FLAGS = {command: {"-i": "--input", "-o": "--output"} for command in ("segment", "pseudo_label")}  # TotalSegmentator's -i/-o; fire has no such aliases
+# TotalSegmentator's -i/-o; fire has no such aliases
+SHORT_FLAGS = {command: {"-i": "--input", "-o": "--output"} for command in ("segment", "pseudo_label")}
 
 
 def expand_short_flags(argv: list[str]) -> list[str]:

@@ -33,10 +33,11 @@ class Ranks:
 
     @classmethod
     def from_env(cls) -> Ranks:
-        """What ``torchrun`` set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); one rank otherwise."""
+        """What ``torchrun`` set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); else one rank."""
         env = os.environ
         world = int(env.get("WORLD_SIZE", 1))
-        return cls(int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world)))
+        local = int(env.get("LOCAL_WORLD_SIZE", world))
+        return cls(int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)), local)
 
     @property
     def distributed(self) -> bool:
@@ -96,7 +97,8 @@ class Ranks:
 def merge_reports(parts: Sequence[dict], summarise: Callable[[list[dict]], dict]) -> dict:
     """One run report from the ranks' reports: rank 0's environment, every case once (sorted by case), the
     summary recomputed over all cases by ``summarise``, and per rank its device, threads and cases."""
-    cases = sorted((case for part in parts for case in part["cases"]), key=lambda case: (case["case"], case.get("output", "")))
+    cases = [case for part in parts for case in part["cases"]]
+    cases.sort(key=lambda case: (case["case"], case.get("output", "")))
     ranks = [
         {"rank": rank, "device": part.get("device"), "threads": part.get("threads"),
          "cases": [case["case"] for case in part["cases"]]}

@@ -84,8 +84,8 @@ class QualityRule:
     is near 1 and a boundary voxel, shared by two classes and smoothed by the resizing, near 0.5):
     ``min_mean_confidence`` 0.75 (an organ made mostly of boundary-like doubt), and ``min_low_confidence`` 0.40 at
     ``low_percentile`` 10 (a tenth of the organ where the winner is below even a two-way tie: three or more classes
-    compete there, or the teacher barely claimed it); ``max_missing`` 0; organ volumes within the labelled range widened by
-    ``volume_factor`` 1.5 either way (``min / 1.5`` to ``max * 1.5``: a small labelled cohort does not show the
+    compete there, or the teacher barely claimed it); ``max_missing`` 0; organ volumes within the labelled range
+    widened by ``volume_factor`` 1.5 either way (``min / 1.5`` to ``max * 1.5``: a small labelled cohort does not show the
     whole population's spread); ``max_dropped_fraction`` 0.20 of an organ's voxels removed as stray components.
     """
 
@@ -136,7 +136,8 @@ def volume_reference(labels: str | os.PathLike | Sequence[str | os.PathLike]) ->
     "max_ml", "median_ml"}}, "cases": n, "source": folder}``. Organs absent from a map do not count for it."""
     if isinstance(labels, (str, os.PathLike)):
         folder = Path(labels)
-        files = sorted(p for p in folder.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz"))) if folder.is_dir() else []
+        found = folder.glob("*.nii*") if folder.is_dir() else []
+        files = sorted(p for p in found if p.name.endswith((".nii", ".nii.gz")))
     else:
         files = [Path(p) for p in labels]
         folder = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path("(no label maps)")
@@ -211,7 +212,9 @@ def case_signals(
     return {"organs": organs, "missing": missing}
 
 
-def decide(signals: Mapping, rule: QualityRule | None = None, reference: Mapping | None = None) -> tuple[bool, list[str]]:
+def decide(
+    signals: Mapping, rule: QualityRule | None = None, reference: Mapping | None = None
+) -> tuple[bool, list[str]]:
     """``(keep, reasons)``: keep when no check of ``rule`` fails; each failed check is one reason in words.
     ``reference``: the labelled cohort's organ volumes (:func:`volume_reference`); without it volumes are not
     checked."""
@@ -277,7 +280,8 @@ def pseudo_label(
     bar = tqdm(mine, desc="pseudo-labels", unit="case", disable=not progress or ranks.rank > 0)
     for image in bar:
         bar.set_postfix_str(case_name(image))
-        cases.append({**_label_case(cascade, image, out, overwrite), **({"rank": ranks.rank} if ranks.distributed else {})})
+        case = _label_case(cascade, image, out, overwrite)
+        cases.append({**case, "rank": ranks.rank} if ranks.distributed else case)
     parts = ranks.gather(cases)
     if parts is None:
         return {"rank": ranks.rank, "cases": cases}

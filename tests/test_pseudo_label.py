@@ -41,6 +41,7 @@ SHAPE = (48, 48, 32)
 SPACING = (0.8, 0.8, 2.5)  # one grid for every case: organ volumes vary as anatomy does, not with the voxel size
 STAGES = ("coarse", "solid", "digestive", "vessels", "locator", "refiner")
 TINY_STAGES = {name: {"network_def": {"channels": [4, 8, 8, 8, 8]}, "spatial_size": [48, 48, 48]} for name in STAGES}
+TINY_32 = json.dumps({name: {**value, "spatial_size": [32, 32, 32]} for name, value in TINY_STAGES.items()})
 
 
 class IntensityDecoder(torch.nn.Module):
@@ -212,7 +213,7 @@ def test_cli_writes_the_outputs_with_random_weight_stages(unlabelled, tmp_path):
         sys.executable, "-m", "flare_c2f_extensions", "pseudo_label", "--bundles_dir", str(BUNDLES),
         "-i", str(unlabelled / "images"), "-o", str(tmp_path / "out"), "--device", "cpu",
         "--reference", str(unlabelled / "labelsTr"), "--require_weights", "false",
-        "--stage_overrides", json.dumps({name: {**value, "spatial_size": [32, 32, 32]} for name, value in TINY_STAGES.items()}),
+        "--stage_overrides", TINY_32,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -230,7 +231,7 @@ def test_torchrun_two_processes_label_each_case_once_and_match_one_process(unlab
     args = [
         "pseudo_label", "--bundles_dir", str(BUNDLES), "--input", str(unlabelled / "images"), "--device", "cpu",
         "--reference", str(unlabelled / "labelsTr"), "--require_weights", "false",
-        "--stage_overrides", json.dumps({name: {**value, "spatial_size": [32, 32, 32]} for name, value in TINY_STAGES.items()}),
+        "--stage_overrides", TINY_32,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "flare_c2f_extensions", *args, "--output", str(tmp_path / "one")],

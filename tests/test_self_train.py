@@ -71,7 +71,8 @@ def test_one_self_training_round_end_to_end(cohort_u, tmp_path, capsys):
         assert summary["num_cases"] == 1 and record["mean_DSC"] == round(summary["mean_DSC"], 4)
         assert (out / record["round"] / "bundles" / "flare22_coarse" / "models" / "model.pt").is_file()
     quality = json.loads((out / "round_1" / "pseudo" / "quality.json").read_text())
-    assert quality["num_cases"] == 2 and student["pseudo_labelled"] == 2 and student["pseudo_kept"] == quality["num_kept"]
+    assert quality["num_cases"] == student["pseudo_labelled"] == 2
+    assert student["pseudo_kept"] == quality["num_kept"]
     assert len(json.loads((out / "round_1" / "pseudo" / "kept.json").read_text())) == quality["num_kept"] == 2
     # the volume range comes from the labelled training cases only (the validation case is never looked at)
     reference = json.loads((out / "round_1" / "pseudo" / "volume_reference.json").read_text())
