@@ -73,6 +73,7 @@ def train_once(data: Path, root: Path, args, bundle: str) -> dict:
         "batch_size": args.batch_size, "num_workers": args.num_workers, "spatial_size": [args.grid] * 3,
         "network_def#channels": args.channels, "device": f"$torch.device({args.device!r})",
         "train#dataset#progress": False, "validate#dataset#progress": False, "resume": False,
+        "elastic_prob": args.elastic_prob,
     }
     shutil.rmtree(root, ignore_errors=True)
     copy_bundle(bundle, root.parent)
@@ -103,6 +104,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--elastic_prob", type=float, default=0.5, help="the configs' default: 0.5 (the paper's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.channels = list(PAPER_CHANNELS) if args.channels == "paper" else [int(c) for c in args.channels.split(",")]
