@@ -100,7 +100,61 @@ def export(bundle_dir: str, formats: str = "ts,onnx", out: str | None = None, ov
         print(json.dumps(item))
 
 
+def segment(
+    input: str | None = None,
+    output: str | None = None,
+    organs=None,
+    device: str | None = None,
+    threads: int | None = None,
+    amp=None,
+    bundles_dir: str | None = None,
+    stage_dirs=None,
+    stage_overrides=None,
+    require_weights=True,
+    overwrite=False,
+    per_organ=False,
+    dicom_seg=False,
+    statistics=False,
+    preview=False,
+    seed: int = 0,
+):
+    """Segment the 13 FLARE22 organs in CT: ``flare-c2f segment -i CT -o OUT [options]``.
+
+    ``-i``: a NIfTI file, a DICOM series folder, or a folder of them. ``-o``: the label map's file name for one
+    input (``seg.nii.gz``), else a folder (``<case>.nii.gz`` per input). Beside each label map: its label names
+    (``.json`` in MONAI channel_def form, ``.itksnap.txt``, ``.ctbl`` for 3D Slicer), and with ``--per_organ`` one
+    mask per organ, ``--dicom_seg`` a DICOM Segmentation (DICOM input), ``--statistics`` volumes and HU (JSON and
+    CSV), ``--preview`` a PNG; a run report JSON per run. ``--organs liver,spleen``: only these (and only the
+    stages they need). ``--device cuda``, ``--threads N``, ``--amp true|false``. Weights: ``--bundles_dir DIR``
+    (trained stage bundles) or ``--stage_dirs "{'coarse': DIR, ...}"``; ``--require_weights false`` runs random
+    weights (seeded by ``--seed``) for timing. ``--stage_overrides`` takes config overrides per stage (JSON).
+    Existing outputs are kept unless ``--overwrite``.
+    """
+    from .data import InputError
+    from .segmenter import as_bool, run_segment
+
+    try:
+        if input is None or output is None:
+            raise InputError("segment needs an input and an output: flare-c2f segment -i CT -o OUT")
+        flags = dict(overwrite=overwrite, per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics,
+                     preview=preview)
+        flags = {name: as_bool(value, name) for name, value in flags.items()}
+        report = run_segment(
+            str(input), str(output), organs=organs, device=device, threads=threads, amp=amp, bundles_dir=bundles_dir,
+            stage_dirs=stage_dirs, stage_overrides=stage_overrides, require_weights=require_weights, seed=seed,
+            **flags,
+        )
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+    failed = [case for case in report["cases"] if case["status"] == "failed"]
+    if len(failed) == 1 and len(report["cases"]) == 1:
+        raise SystemExit(f"error: {failed[0]['error']}")
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(report['cases'])} cases failed (see {report['report']})")
+
+
 COMMANDS = {
+    "segment": segment,
     "quickstart": quickstart,
     "phantom": phantom,
     "evaluate": evaluate,
@@ -113,10 +167,25 @@ COMMANDS = {
 }
 
 
-def main():
+SHORT_FLAGS = {"segment": {"-i": "--input", "-o": "--output"}}  # TotalSegmentator's -i/-o; fire has no such aliases
+
+
+def expand_short_flags(argv: list[str]) -> list[str]:
+    """``segment -i CT -o OUT`` -> ``segment --input CT --output OUT`` (also ``-i=CT``)."""
+    aliases = SHORT_FLAGS.get(argv[0], {}) if argv else {}
+    expanded = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        expanded.append(aliases[flag] + equals + value if flag in aliases else arg)
+    return expanded
+
+
+def main(argv: list[str] | None = None):
+    import sys
+
     import fire
 
-    fire.Fire(COMMANDS)
+    fire.Fire(COMMANDS, command=expand_short_flags(sys.argv[1:] if argv is None else list(argv)))
 
 
 if __name__ == "__main__":

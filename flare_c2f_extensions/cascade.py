@@ -48,6 +48,7 @@ from .data import (
 )
 from .efficiency import ResourceMonitor
 from .labels import GROUPS, ORGANS, organ_id
+from .paths import BUNDLES_DIR, STAGE_BUNDLES, bundles_dir as default_bundles_dir
 from .transforms import (
     CropFromMask,
     box_affine,
@@ -60,16 +61,6 @@ from .transforms import (
 )
 
 logger = logging.getLogger(__name__)
-
-BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"  # the bundles beside the package
-STAGE_BUNDLES = {
-    "coarse": "flare22_coarse",
-    "solid": "flare22_fine_solid",
-    "digestive": "flare22_fine_digestive",
-    "vessels": "flare22_fine_vessels",
-    "locator": "flare22_small_locator",
-    "refiner": "flare22_small_refiner",
-}
 
 
 @dataclass
@@ -223,15 +214,17 @@ class Cascade:
         small_organs: Sequence[str | int] | None = None,
         require_weights: bool = True,
         largest_component: bool = True,
+        organs: Sequence[str | int] | None = None,
     ) -> Cascade:
         """Load every stage from its bundle folder (siblings in ``bundles_dir`` unless ``stage_dirs`` says otherwise).
 
         ``stage_overrides``: config overrides per stage name (``coarse``, ``solid``, ``digestive``, ``vessels``,
         ``locator``, ``refiner``), e.g. a small network; ``small_organs``: the organs that get a refiner
-        (default the four small organs).
+        (default the four small organs); ``organs``: only the stages these organs need are loaded (the coarse
+        stage, the groups that hold them, the locator and refiners of the small ones among them).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        bundles_dir = Path(bundles_dir) if bundles_dir is not None else BUNDLES_DIR
+        bundles_dir = Path(bundles_dir) if bundles_dir is not None else default_bundles_dir()
         dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
         dirs.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
         overrides = dict(stage_overrides or {})
@@ -240,12 +233,15 @@ class Cascade:
             merged = {**overrides.get(name, {}), **(extra or {})}
             return load_stage(name, dirs[name], device, merged, require_weights=require_weights)
 
-        organs = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
+        wanted = set(ORGANS) if organs is None else {organ_id(o) for o in organs}
+        small = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
+        small = tuple(o for o in small if o in wanted)
+        groups = [group for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
         return cls(
             coarse=stage("coarse"),
-            groups=[stage(group) for group in ("solid", "digestive", "vessels")],
-            locator=stage("locator") if organs else None,
-            refiners=[stage("refiner", {"organ": ORGANS[o]}) for o in organs],
+            groups=[stage(group) for group in groups],
+            locator=stage("locator") if small else None,
+            refiners=[stage("refiner", {"organ": ORGANS[o]}) for o in small],
             device=device,
             amp=amp,
             largest_component=largest_component,

@@ -352,7 +352,15 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
 def save_label_map(
     labels: np.ndarray, reference: str | os.PathLike | Geometry, output_dir: str | os.PathLike
 ) -> Path:
-    """Write ``labels`` as ``output_dir/<case>.nii.gz`` (uint8) with exactly the reference image's geometry.
+    """Write ``labels`` as ``output_dir/<case>.nii.gz`` (uint8) with exactly the reference image's geometry
+    (:func:`label_map_image`)."""
+    out = label_map_image(labels, reference)
+    source = reference.source if isinstance(reference, Geometry) else reference
+    return write_nifti_atomic(out, Path(output_dir) / f"{case_name(source)}.nii.gz")
+
+
+def label_map_image(labels: np.ndarray, reference: str | os.PathLike | Geometry) -> nib.Nifti1Image:
+    """``labels`` as a uint8 NIfTI image with exactly the reference image's geometry.
 
     ``reference``: the image the labels belong to (a NIfTI file or a DICOM series folder) or its
     :class:`Geometry`. ``labels`` must have the reference's 3D shape. For a NIfTI reference the header
@@ -381,7 +389,7 @@ def save_label_map(
         out.set_qform(geometry.affine, 1)
         out.set_sform(geometry.affine, 1)
         out.header.set_xyzt_units("mm")
-    return write_nifti_atomic(out, Path(output_dir) / f"{case_name(geometry.source)}.nii.gz")
+    return out
 
 
 class SaveLabelMapd:

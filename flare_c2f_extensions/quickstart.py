@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from .cascade import BUNDLES_DIR, STAGE_BUNDLES
+from .paths import BUNDLES_DIR, STAGE_BUNDLES
 from .labels import GROUPS, ORGANS
 
 # Training overrides of every stage for a quick CPU run (ordinary config overrides). A high learning rate and

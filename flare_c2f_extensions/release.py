@@ -32,7 +32,7 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
-from .cascade import BUNDLES_DIR
+from .paths import BUNDLES_DIR
 
 logger = logging.getLogger(__name__)
 
