@@ -58,6 +58,7 @@ from .transforms import (
     keep_largest_component,
     resize_spatial,
 )
+from .weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +163,7 @@ def load_stage(
     else:
         network = parser.get_parsed_content("network_def")
         if checkpoint.is_file():
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            network.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
+            load_weights(network, checkpoint, name)
         elif require_weights:
             what = "TorchScript module" if checkpoint.suffix == ".ts" else "weights"
             raise InputError(f"{checkpoint}: no {what} for the {name} stage (train it with its configs/train.json)")
