@@ -8,6 +8,7 @@ Tiny random-weight stages as in ``test_invariance.py``.
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import shutil
@@ -19,11 +20,13 @@ import pytest
 import torch
 
 from conftest import BUNDLES
+import flare_c2f_extensions.cascade as cascade_module
 from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner, load_stage
-from flare_c2f_extensions.data import InputError, find_images
+from flare_c2f_extensions.data import InputError, find_images, image_geometry, qform_holds, read_ct, save_label_map
 from flare_c2f_extensions.phantom import make_case
 from test_hostile_input import _cli
 from test_invariance import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
+from test_real_ct import write_dicom_series
 
 # -- 6. bad weights --------------------------------------------------------------------------------------------
 
@@ -166,3 +169,162 @@ def test_bundle_exit_status_and_failed_cases_listed(good, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         report = json.loads((tmp_path / "out2" / "efficiency.json").read_text())
         assert [case["status"] for case in report["cases"]] == [status]
+
+
+# -- 4. every entry of an input folder is a case or ignored with its reason --------------------------------------
+
+
+def _series(folder: Path, good, slices: int = 8) -> Path:
+    _, image, affine = good
+    return write_dicom_series(nib.Nifti1Image(image[:, :, :slices].astype(np.int16), affine), folder)
+
+
+def test_every_input_entry_is_a_case_or_ignored_with_its_reason(cascade, good, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(good[0], folder / "UPPER_0000.NII.GZ")
+    (folder / "gone_0000.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    (folder / "._UPPER_0000.NII.GZ").write_bytes(b"\0\5\x16\7" + bytes(100))  # macOS AppleDouble
+    (folder / ".DS_Store").write_bytes(bytes(10))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "empty").mkdir()
+    plain = _series(tmp_path / "plain", good)
+    (folder / "nopreamble").mkdir()
+    for path in plain.iterdir():  # DICOM files without the 128-byte preamble and "DICM"
+        (folder / "nopreamble" / path.name).write_bytes(path.read_bytes()[132:])
+    _series(folder / "patient1" / "study" / "ct", good)  # a series two folders deeper
+    found = find_images(folder)
+    assert [(Path(item["image"]).name, item.get("case")) for item in found] == [
+        ("UPPER_0000.NII.GZ", None), ("nopreamble", None), ("ct", "patient1_study_ct")
+    ]
+    reasons = {Path(item["path"]).name: item["reason"] for item in found.ignored}
+    assert set(reasons) == {"gone_0000.nii.gz", "._UPPER_0000.NII.GZ", ".DS_Store", "notes.txt", "empty"}
+    assert "symbolic link" in reasons["gone_0000.nii.gz"] and "AppleDouble" in reasons["._UPPER_0000.NII.GZ"]
+    assert "not a NIfTI" in reasons["notes.txt"] and "no DICOM series" in reasons["empty"]
+    out = tmp_path / "out"
+    report = CascadeRunner(cascade, found, out, progress=False).run()
+    assert {case["case"]: case["status"] for case in report["cases"]} == {
+        "UPPER": "done", "nopreamble": "done", "patient1_study_ct": "done"
+    }
+    assert len(report["ignored_inputs"]) == 5
+    assert_same_geometry(out / "UPPER.nii.gz", folder / "UPPER_0000.NII.GZ")
+    reference = nib.load(str(out / "nopreamble.nii.gz"))
+    assert reference.shape == (40, 36, 8) and np.allclose(reference.affine, good[2], atol=1e-4)
+
+
+# -- 7. a finished output is one that reads back as the case's label map ----------------------------------------
+
+
+def test_rerun_redoes_outputs_that_are_not_finished(cascade, good, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("empty", "cut", "other", "fine"):
+        shutil.copy(good[0], folder / f"{name}_0000.nii.gz")
+    out = tmp_path / "out"
+    CascadeRunner(cascade, find_images(folder), out, progress=False).run()
+    finished = (out / "fine.nii.gz").read_bytes()
+    (out / "empty.nii.gz").write_bytes(b"")
+    (out / "cut.nii.gz").write_bytes((out / "cut.nii.gz").read_bytes()[:300])
+    save(np.zeros((8, 8, 8), np.uint8), np.eye(4), out / "other.nii.gz", np.uint8)  # another shape
+    report = CascadeRunner(cascade, find_images(folder), out, progress=False).run()
+    cases = {case["case"]: case for case in report["cases"]}
+    assert cases["fine"]["status"] == "exists" and (out / "fine.nii.gz").read_bytes() == finished
+    for name, why in (("empty", "cannot be read"), ("cut", "cannot be read"), ("other", "shape")):
+        assert cases[name]["status"] == "done" and why in cases[name]["redone"], cases[name]
+        assert_same_geometry(out / f"{name}.nii.gz", folder / f"{name}_0000.nii.gz")
+    assert report["num_redone"] == 3
+
+
+# -- 8. compressed DICOM --------------------------------------------------------------------------------------
+
+
+def _jpeg_lossless(dataset) -> None:
+    """JPEG Lossless (process 14, SV1) with libjpeg-turbo through imagecodecs: pydicom has no encoder for it."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    raw = dataset.pixel_array.astype(np.int32) + 32768  # JPEG codes unsigned samples
+    dataset.PixelRepresentation = 0
+    dataset.RescaleIntercept = float(dataset.RescaleIntercept) - 32768 * float(dataset.RescaleSlope)
+    frame = imagecodecs.jpeg8_encode(raw.astype(np.uint16), lossless=True, bitspersample=16)
+    dataset.PixelData = encapsulate([frame])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+
+
+@pytest.mark.parametrize("codec", ["RLELossless", "JPEGLSLossless", "JPEG2000Lossless", "JPEGLosslessSV1"])
+def test_compressed_dicom_series_decode(good, tmp_path, codec):
+    import pydicom
+    from pydicom import uid
+    from pydicom.pixels import get_decoder
+
+    syntax = getattr(uid, codec)
+    # the package's own dependencies decode it (pydicom for RLE, python-gdcm for the JPEG family)
+    assert set(get_decoder(syntax).available_plugins) & {"pydicom", "gdcm"}
+    plain = _series(tmp_path / "plain", good)
+    packed = tmp_path / codec
+    packed.mkdir()
+    for path in sorted(plain.iterdir()):
+        dataset = pydicom.dcmread(path)
+        _jpeg_lossless(dataset) if codec == "JPEGLosslessSV1" else dataset.compress(syntax)
+        dataset.save_as(packed / path.name, enforce_file_format=True)
+    assert pydicom.dcmread(next(packed.iterdir())).file_meta.TransferSyntaxUID == syntax
+    (expected, _), (decoded, _) = read_ct(plain), read_ct(packed)
+    assert torch.equal(decoded, expected)
+
+
+# -- 9. qform and sform ---------------------------------------------------------------------------------------
+
+
+def test_sheared_output_has_qform_code_0_and_the_exact_sform(good, tmp_path):
+    _, image, affine = good
+    tilted = affine.copy()
+    tilted[:3, 2] += 0.3 * affine[:3, 1]  # gantry tilt: slices shifted along y as z grows
+    series = write_dicom_series(nib.Nifti1Image(image[:, :, :8].astype(np.int16), tilted), tmp_path / "tilted")
+    geometry = image_geometry(series)
+    assert not qform_holds(geometry.affine)
+    header = nib.load(str(save_label_map(np.zeros(geometry.shape, np.uint8), series, tmp_path / "out"))).header
+    assert int(header["qform_code"]) == 0 and int(header["sform_code"]) == 1
+    assert np.allclose(header.get_sform(), geometry.affine, atol=1e-4)
+
+    plain = nib.Nifti1Image(image.astype(np.int16), affine)  # qform code 0 in, sform code 2 (aligned)
+    plain.set_qform(affine, code=0)
+    plain.set_sform(affine, code=2)
+    nib.save(plain, str(tmp_path / "aligned_0000.nii.gz"))
+    written = nib.load(str(save_label_map(np.zeros(image.shape, np.uint8), tmp_path / "aligned_0000.nii.gz", tmp_path)))
+    assert int(written.header["qform_code"]) == 0 and int(written.header["sform_code"]) == 2
+    assert np.array_equal(written.affine, nib.load(str(tmp_path / "aligned_0000.nii.gz")).affine)
+
+    normal = nib.load(str(save_label_map(np.zeros(image.shape, np.uint8), good[0], tmp_path)))  # codes 1 and 1
+    assert int(normal.header["qform_code"]) == 1 and int(normal.header["sform_code"]) == 1
+    assert np.allclose(normal.header.get_qform(), normal.header.get_sform(), atol=1e-4)
+
+
+# -- 11. the small items --------------------------------------------------------------------------------------
+
+
+def test_small_items(cascade, good, tmp_path, monkeypatch):
+    _, image, affine = good
+    folder = tmp_path / "images"
+    folder.mkdir()
+    coded = np.clip(np.rint((image.astype(np.float64) + 1024) / 8), 0, 255).astype(np.uint8)
+    save(coded, affine, folder / "scaled8_0000.nii.gz", np.uint8, slope_inter=(8.0, -1024.0))  # decodes to HU
+    long_name = "L" * (248 - len("_0000.nii.gz"))
+    shutil.copy(good[0], folder / f"{long_name}_0000.nii.gz")  # a 248-character input name
+    rgb = np.zeros(image.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, affine), str(folder / "rgb_0000.nii.gz"))
+    out = tmp_path / "out"
+    report = CascadeRunner(cascade, find_images(folder), out, progress=False).run()
+    cases = {case["case"]: case for case in report["cases"]}
+    assert cases["scaled8"]["status"] == "done" and cases[long_name]["status"] == "done"
+    assert cases["rgb"]["status"] == "failed" and "colour (RGB)" in cases["rgb"]["error"], cases["rgb"]
+    assert str(folder / "rgb_0000.nii.gz") in cases["rgb"]["error"]
+    assert_same_geometry(out / f"{long_name}.nii.gz", folder / f"{long_name}_0000.nii.gz")
+
+    def full_disk(text, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cascade_module, "write_text_atomic", full_disk)
+    with pytest.raises(InputError, match="the report cannot be written \\(No space left on device\\)"):
+        CascadeRunner(cascade, [str(good[0])], tmp_path / "full", progress=False).run()
