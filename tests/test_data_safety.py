@@ -8,10 +8,14 @@ Tiny random-weight stages as in ``test_invariance.py``.
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLES
+from conftest import BUNDLES, REPO
 import flare_c2f_extensions.cascade as cascade_module
 from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner, load_stage
 from flare_c2f_extensions.data import InputError, find_images, image_geometry, qform_holds, read_ct, save_label_map
@@ -328,3 +332,77 @@ def test_small_items(cascade, good, tmp_path, monkeypatch):
     monkeypatch.setattr(cascade_module, "write_text_atomic", full_disk)
     with pytest.raises(InputError, match="the report cannot be written \\(No space left on device\\)"):
         CascadeRunner(cascade, [str(good[0])], tmp_path / "full", progress=False).run()
+
+
+# -- 3. evaluate --------------------------------------------------------------------------------------------------
+
+
+def _label_map(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.uint8) -> Path:
+    image = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
+    image.set_qform(affine, 1)
+    image.set_sform(affine, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(path))
+    return path
+
+
+def _evaluate_cli(*args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "flare_c2f_extensions", "evaluate", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_evaluate_reorients_isolates_failures_and_reports_unknown_labels(tmp_path):
+    case = make_case(3, shape=(40, 36, 24), orientation="LPS")
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for name in ("flipped", "permuted", "shifted", "fourd", "cut", "odd"):
+        _label_map(gt / f"{name}.nii.gz", case.label, case.affine)
+    # the same physical mask stored x-flipped, and with axes 0 and 1 swapped: both score 1
+    flip = case.affine.copy()
+    flip[:, 0] *= -1
+    flip[:3, 3] = case.affine[:3, :3] @ [case.label.shape[0] - 1, 0, 0] + case.affine[:3, 3]
+    _label_map(pred / "flipped.nii.gz", case.label[::-1], flip)
+    _label_map(pred / "permuted.nii.gz", case.label.transpose(1, 0, 2), case.affine[:, [1, 0, 2, 3]])
+    shifted = case.affine.copy()
+    shifted[:3, 3] += 7.0  # another physical place, and a flipped layout: not the same grid
+    shifted[:, 0] *= -1
+    _label_map(pred / "shifted.nii.gz", case.label, shifted)
+    _label_map(pred / "fourd.nii.gz", np.stack([case.label] * 2, -1), case.affine)
+    _label_map(pred / "cut.nii.gz", case.label, case.affine)
+    (pred / "cut.nii.gz").write_bytes((pred / "cut.nii.gz").read_bytes()[:400])
+    odd = case.label.astype(np.int16)
+    odd[odd == 1] = 77  # liver as an unknown label value
+    _label_map(pred / "odd.nii.gz", odd, case.affine, np.int16)
+
+    out = tmp_path / "out"
+    result = _evaluate_cli("--pred", pred, "--gt", gt, "--out", out)
+    assert result.returncode == FAILED_CASES_EXIT_STATUS, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["failed_cases"]) == {"shifted", "fourd", "cut"}
+    assert "no flip or permutation" in summary["failed_cases"]["shifted"]
+    assert "must be 3D" in summary["failed_cases"]["fourd"]
+    assert str(pred / "cut.nii.gz") in summary["failed_cases"]["cut"]
+    assert summary["unknown_labels"] == {"odd": {"unknown_pred_labels": [77]}}
+    assert summary["num_cases"] == 3 and "Traceback" not in result.stderr
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = {row["case"]: row for row in csv.DictReader(handle)}
+    for name in ("flipped", "permuted"):
+        assert all(float(v) == 1.0 for k, v in rows[name].items() if k.endswith(("_DSC", "_NSD"))), rows[name]
+    assert float(rows["odd"]["liver_DSC"]) == 0.0 and float(rows["odd"]["spleen_DSC"]) == 1.0
+    assert rows["cut"]["liver_DSC"] == "" and str(pred / "cut.nii.gz") in rows["cut"]["error"]
+
+
+def test_evaluate_checks_folders_before_scoring(tmp_path, monkeypatch):
+    from flare_c2f_extensions import metrics
+
+    case = make_case(3, shape=(16, 16, 8))
+    _label_map(tmp_path / "gt" / "a.nii.gz", case.label, case.affine)
+    _label_map(tmp_path / "pred" / "a.nii.gz", case.label, case.affine)
+    (tmp_path / "blocker").write_text("a file")
+    monkeypatch.setattr(metrics, "_score_case", lambda *a: pytest.fail("scored before the output was checked"))
+    with pytest.raises(InputError, match="evaluation output folder cannot be created"):
+        metrics.evaluate_folder(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "blocker" / "out"))
+    result = _evaluate_cli("--pred", tmp_path / "nopred", "--gt", tmp_path / "gt", "--out", tmp_path / "out")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert str(tmp_path / "nopred") in errors[0] and "prediction folder does not exist" in errors[0]
+    assert not (tmp_path / "out").exists()
