@@ -406,3 +406,39 @@ def test_evaluate_checks_folders_before_scoring(tmp_path, monkeypatch):
     assert result.returncode != 0 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert str(tmp_path / "nopred") in errors[0] and "prediction folder does not exist" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+# -- 10. release zips: inflated size and names that collide when case is ignored --------------------------------
+
+
+def _release_zip(path: Path, entries: dict[str, bytes]) -> tuple[Path, str]:
+    import hashlib
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("flare22_coarse/configs/metadata.json", json.dumps({"version": "0.1.0"}))
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_verify_release_bounds_inflation_and_refuses_case_collisions(tmp_path):
+    from flare_c2f_extensions.release import MAX_INFLATE_RATIO, ReleaseError, download_release, verify_release
+
+    zeros = {"flare22_coarse/models/model.pt": bytes(64 << 20)}
+    bomb, digest = _release_zip(tmp_path / "flare22_coarse_v0.1.0.zip", zeros)
+    assert bomb.stat().st_size * MAX_INFLATE_RATIO < 64 << 20
+    with pytest.raises(ReleaseError, match="would inflate to 67108") as error:
+        verify_release(bomb, digest)
+    assert str(bomb) in str(error.value) and "zip bomb" in str(error.value)
+    twins = {"flare22_coarse/docs/README.md": b"a", "flare22_coarse/docs/readme.md": b"b"}
+    clash, digest = _release_zip(tmp_path / "clash" / "flare22_coarse_v0.1.0.zip", twins)
+    with pytest.raises(ReleaseError, match="differ only in case"):
+        verify_release(clash, digest)
+    readme = {"flare22_coarse/docs/README.md": b"a" * 4000}
+    fine, digest = _release_zip(tmp_path / "fine" / "flare22_coarse_v0.1.0.zip", readme)
+    assert verify_release(fine, digest)["entries"] == 2  # 4000 bytes of "a" compress well, but the zip is small
+    (tmp_path / "blocker").write_text("a regular file")
+    with pytest.raises(ReleaseError, match="bundle folder cannot be created"):
+        download_release("http://127.0.0.1:9/flare22_coarse_v0.1.0.zip", tmp_path / "blocker" / "bundles")
