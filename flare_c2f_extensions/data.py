@@ -222,7 +222,9 @@ def _nested_series(folder: Path, root: Path, depth: int = 1) -> list[tuple[Path,
     name made of its path below ``root`` (``patient1/CT/2`` -> ``patient1_CT_2``)."""
     found = []
     try:
-        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+        children = sorted(
+            p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+        )
     except OSError:
         return found
     for child in children:

@@ -57,7 +57,8 @@ def _read_state(path: Path, refuse) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refuses objects other than tensors and containers
-        raise refuse(f"the checkpoint holds more than tensors, which could run code: not loaded ({_why(error)})") from None
+        why = f"the checkpoint holds more than tensors, which could run code: not loaded ({_why(error)})"
+        raise refuse(why) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
         raise refuse(f"truncated or corrupt (an interrupted download or copy?): {_why(error)}") from None
     state = loaded["model"] if isinstance(loaded, Mapping) and "model" in loaded else loaded

@@ -32,6 +32,9 @@ from test_hostile_input import _cli
 from test_invariance import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
 from test_real_ct import write_dicom_series
 
+LFS = "version https://git-lfs.github.com/spec/v1"
+TINY_CHANNELS = (4, 8, 8, 8, 8)
+
 # -- 6. bad weights --------------------------------------------------------------------------------------------
 
 
@@ -43,8 +46,13 @@ def _coarse(weights: Path, channels=(4, 8, 8, 8, 8)):
 def _state(channels) -> dict:
     torch.manual_seed(0)
     overrides = {**TINY_STAGES["coarse"], "network_def": {"channels": list(channels)}}
-    stage = load_stage("coarse", BUNDLES / "flare22_coarse", "cpu", overrides, weights="/nowhere.pt", require_weights=False)
+    bundle = BUNDLES / "flare22_coarse"
+    stage = load_stage("coarse", bundle, "cpu", overrides, weights="/nowhere.pt", require_weights=False)
     return stage.network.state_dict()
+
+
+def _cut(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
 
 
 class _NotATensor:  # a pickled object: weights_only=True must refuse it
@@ -55,9 +63,9 @@ class _NotATensor:  # a pickled object: weights_only=True must refuse it
     "write, problem",
     [
         (lambda p: torch.save({"model": _state((4, 8, 8, 8, 16))}, p), "does not fit the stage's network"),
-        (lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 60000000\n"), "Git LFS"),
+        (lambda p: p.write_text(f"{LFS}\noid sha256:ab\nsize 60000000\n"), "Git LFS"),
         (lambda p: p.write_bytes(b""), "empty"),
-        (lambda p: (torch.save({"model": _state((4, 8, 8, 8, 8))}, p), p.write_bytes(p.read_bytes()[:3000])), "truncated"),
+        (lambda p: (torch.save({"model": _state(TINY_CHANNELS)}, p), _cut(p, 3000)), "truncated"),
         (lambda p: p.write_bytes(pickle.dumps({"model": _NotATensor()})), "more than tensors"),
         (lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(400)), "not a PyTorch checkpoint"),
         (lambda p: torch.save({"model": [1, 2, 3]}, p), "not a state dict"),
@@ -348,7 +356,8 @@ def _label_map(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.uint8)
 
 def _evaluate_cli(*args) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "flare_c2f_extensions", "evaluate", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_evaluate_reorients_isolates_failures_and_reports_unknown_labels(tmp_path):
