@@ -18,10 +18,17 @@ def network_info(spatial_size: int = 128, channels=None, blocks_per_level: int =
 
 
 def evaluate(pred: str, gt: str, out: str):
-    """FLARE22 DSC and NSD of the label maps in ``pred`` against ``gt``; writes metrics.csv and summary.json."""
-    from .metrics import evaluate_folder, format_summary
+    """FLARE22 DSC and NSD of the label maps in ``pred`` against ``gt``; writes metrics.csv and summary.json.
+    Exit status 3 when a case could not be scored (it is listed; the others are scored)."""
+    import sys
 
-    print(format_summary(evaluate_folder(pred, gt, out)))
+    from .metrics import FAILED_CASES_EXIT_STATUS, evaluate_folder, format_summary
+
+    summary = evaluate_folder(pred, gt, out)
+    print(format_summary(summary))
+    if summary["failed_cases"]:
+        print(f"error: {len(summary['failed_cases'])} case(s) could not be scored (see above)", file=sys.stderr)
+        sys.exit(FAILED_CASES_EXIT_STATUS)
 
 
 def quickstart(out: str = "./quickstart", **options):
