@@ -154,10 +154,15 @@ def segment(
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
     failed = [case for case in report["cases"] if case["status"] == "failed"]
-    if len(failed) == 1 and len(report["cases"]) == 1:
-        raise SystemExit(f"error: {failed[0]['error']}")
-    if failed:
-        raise SystemExit(f"error: {len(failed)} of {len(report['cases'])} cases failed (see {report['report']})")
+    if failed:  # the report is written; exit status 3 as the cascade bundle's (README, "Inputs")
+        import sys
+
+        from .cascade import FAILED_CASES_EXIT_STATUS
+
+        for case in failed:
+            print(f"error: {case['error']}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(report['cases'])} case(s) failed (see {report['report']})", file=sys.stderr)
+        raise SystemExit(FAILED_CASES_EXIT_STATUS)
 
 
 COMMANDS = {
