@@ -38,6 +38,28 @@ def quickstart(out: str = "./quickstart", **options):
     run(out, **options)
 
 
+def train(
+    dataset_dir: str,
+    out: str,
+    stages=None,
+    epochs: int | None = None,
+    device: str | None = None,
+    override=None,
+    num_val: int = 10,
+    evaluate: bool = True,
+):
+    """Train every stage of the cascade (or ``--stages coarse,solid``; ``refiner`` = the four refiners) from a
+    FLARE-layout folder into ``out/<bundle>/`` through each bundle's configs/train.json, then evaluate the cascade
+    on the last ``num_val`` labelled cases. ``--override "solid#learning_rate=0.001"`` (repeatable; no stage
+    prefix: every stage) or ``--override overrides.yaml`` ({stage: {key: value}}). Rerunning resumes.
+    Several GPUs: ``torchrun --nproc_per_node=N -m flare_c2f_extensions train ...``."""
+    from .train import train_cascade
+
+    stages = ",".join(stages) if isinstance(stages, (list, tuple)) else stages
+    overrides = list(override) if isinstance(override, (list, tuple)) else override
+    train_cascade(dataset_dir, out, stages, epochs, device, overrides, num_val, evaluate)
+
+
 def sample_ct(out: str, cache: str | None = None):
     """Write the real sample CT (TotalSegmentator 2.18.0's example, fetched once with pip and cached in
     ``$FLARE_C2F_CACHE`` or ``~/.cache/flare_c2f``) as ``out/imagesTs/example_0000.nii.gz`` and its reference
@@ -168,6 +190,7 @@ def segment(
 COMMANDS = {
     "segment": segment,
     "quickstart": quickstart,
+    "train": train,
     "phantom": phantom,
     "evaluate": evaluate,
     "network_info": network_info,
