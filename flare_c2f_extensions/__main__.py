@@ -19,10 +19,17 @@ def network_info(spatial_size: int = 128, channels=None, blocks_per_level: int =
 
 
 def evaluate(pred: str, gt: str, out: str):
-    """FLARE22 DSC and NSD of the label maps in ``pred`` against ``gt``; writes metrics.csv and summary.json."""
-    from .metrics import evaluate_folder, format_summary
+    """FLARE22 DSC and NSD of the label maps in ``pred`` against ``gt``; writes metrics.csv and summary.json.
+    Exit status 3 when a case could not be scored (it is listed; the others are scored)."""
+    import sys
 
-    print(format_summary(evaluate_folder(pred, gt, out)))
+    from .metrics import FAILED_CASES_EXIT_STATUS, evaluate_folder, format_summary
+
+    summary = evaluate_folder(pred, gt, out)
+    print(format_summary(summary))
+    if summary["failed_cases"]:
+        print(f"error: {len(summary['failed_cases'])} case(s) could not be scored (see above)", file=sys.stderr)
+        sys.exit(FAILED_CASES_EXIT_STATUS)
 
 
 def quickstart(out: str = "./quickstart", **options):
@@ -170,10 +177,15 @@ def segment(
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
     failed = [case for case in report["cases"] if case["status"] == "failed"]
-    if len(failed) == 1 and len(report["cases"]) == 1:
-        raise SystemExit(f"error: {failed[0]['error']}")
-    if failed:
-        raise SystemExit(f"error: {len(failed)} of {len(report['cases'])} cases failed (see {report['report']})")
+    if failed:  # the report is written; exit status 3 as the cascade bundle's (README, "Inputs")
+        import sys
+
+        from .cascade import FAILED_CASES_EXIT_STATUS
+
+        for case in failed:
+            print(f"error: {case['error']}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(report['cases'])} case(s) failed (see {report['report']})", file=sys.stderr)
+        raise SystemExit(FAILED_CASES_EXIT_STATUS)
 
 
 def pseudo_label(

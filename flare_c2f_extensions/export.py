@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .weights import load_weights
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("ts", "onnx")
@@ -50,12 +52,6 @@ def _flat(overrides: Mapping | None, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    network.load_state_dict(state["model"] if isinstance(state, Mapping) and "model" in state else state)
-    return network.eval()
 
 
 def bundle_checkpoints(bundle_dir: str | os.PathLike) -> list[Path]:
@@ -115,7 +111,7 @@ def export_checkpoint(
 @torch.no_grad()
 def compare(parser, checkpoint, ts_file, onnx_file, input_shape, seed: int = 0) -> dict:
     """Max absolute differences of the exported networks' logits from PyTorch's on one random input."""
-    network = load_weights(parser.get_parsed_content("network_def"), checkpoint)
+    network = load_weights(parser.get_parsed_content("network_def"), checkpoint, Path(checkpoint).stem).eval()
     x = torch.rand(input_shape, generator=torch.Generator().manual_seed(seed))
     reference = network(x)
     found = {"max_abs_logit": float(reference.abs().max())}
@@ -150,4 +146,4 @@ def export_bundle(
     return [export_checkpoint(bundle_dir, c, formats, out_dir, overrides, check, seed) for c in checkpoints]
 
 
-__all__ = ["bundle_checkpoints", "compare", "export_bundle", "export_checkpoint", "load_weights"]
+__all__ = ["bundle_checkpoints", "compare", "export_bundle", "export_checkpoint"]

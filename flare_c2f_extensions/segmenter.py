@@ -316,9 +316,11 @@ def segment(image, organs=None, statistics: bool = False, **options):
 # -- the command -------------------------------------------------------------------------------------------------
 
 
-def resolve_inputs(source) -> list[str]:
-    """The images ``-i`` names: a NIfTI file, a DICOM series folder, or a folder of NIfTI files / series folders."""
-    from .data import check_volume, find_images, is_nifti
+def resolve_inputs(source, output=None) -> tuple[list[tuple[str, str]], list[dict]]:
+    """The images ``-i`` names, as (image, case name) pairs, and the folder entries that were ignored (with why):
+    a NIfTI file, a DICOM series folder, or a folder of NIfTI files / series folders (``output`` never looked into).
+    """
+    from .data import case_name, check_volume, find_images, is_nifti
 
     path = Path(str(source)).expanduser()
     if not path.exists():
@@ -327,21 +329,28 @@ def resolve_inputs(source) -> list[str]:
         if not is_nifti(path):
             raise InputError(f"{path}: not a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
         check_volume(path)
-        return [str(path)]
-    return [item["image"] for item in find_images(path, subdir="")]
+        return [(str(path), case_name(path))], []
+    found = find_images(path, subdir="", exclude=[str(output)] if output is not None else None)
+    return [(item["image"], item.get("case") or case_name(item["image"])) for item in found], found.ignored
 
 
-def plan_targets(images: Sequence[str], output) -> list[tuple[str, Path]]:
+def plan_targets(images: Sequence[tuple[str, str]], output) -> list[tuple[str, Path]]:
     """(image, label map path) pairs: ``-o`` is the file for one input (``.nii.gz``/``.nii``), else a folder that
-    gets ``<case>.nii.gz`` per input."""
-    from .data import NIFTI_SUFFIXES, case_name
+    gets ``<case>.nii.gz`` per input. Refused before any case: an output that would overwrite its input, and an
+    output folder whose label maps would be taken for inputs on the next run (:func:`data.outputs_apart_from_inputs`).
+    """
+    from .data import NIFTI_SUFFIXES, outputs_apart_from_inputs
 
     output = Path(str(output)).expanduser()
-    if str(output).endswith(NIFTI_SUFFIXES):
+    if str(output).lower().endswith(NIFTI_SUFFIXES):
         if len(images) > 1:
             raise InputError(f"{output}: -o must be a folder for {len(images)} inputs, not a NIfTI file name")
-        return [(images[0], output)]
-    return [(image, output / f"{case_name(image)}.nii.gz") for image in images]
+        image = images[0][0]
+        if os.path.realpath(output) == os.path.realpath(image):
+            raise InputError(f"{output}: this output would overwrite the input {image}; choose another file name")
+        return [(image, output)]
+    outputs_apart_from_inputs(images, output)
+    return [(image, output / f"{case}.nii.gz") for image, case in images]
 
 
 def check_weights(organs: Sequence[int], options: Mapping) -> None:
@@ -423,12 +432,12 @@ def run_segment(
     from .outputs import stem_of
 
     chosen = parse_organs(organs)
-    images = resolve_inputs(input)
+    images, ignored = resolve_inputs(input, output)
     targets = plan_targets(images, output)
     if dicom_seg:
         from .dicom_seg import check_source
 
-        for image in images:
+        for image, _ in images:
             check_source(image)
     parse_device(options.get("device"))
     parse_threads(options.get("threads"))
@@ -454,13 +463,15 @@ def run_segment(
     from .cascade import _summarise
     from .data import write_text_atomic
 
-    report = {**_environment(segmenter), "warnings": run_warnings, **_summarise(cases, segmenter.cascade.device)}
+    report = {
+        **_environment(segmenter), "warnings": run_warnings, **_summarise(cases, segmenter.cascade.device, ignored),
+    }
     parts = ranks.gather(report)
     ranks.stop()
     if parts is None:  # not rank 0: rank 0 writes the merged report
         return {**report, "report": str(report_path)}
     if ranks.distributed:
-        report = merge_reports(parts, lambda cases: _summarise(cases, segmenter.cascade.device))
+        report = merge_reports(parts, lambda cases: _summarise(cases, segmenter.cascade.device, ignored))
     write_text_atomic(json.dumps(report, indent=4) + "\n", report_path)
     report["report"] = str(report_path)
     return report
@@ -476,7 +487,7 @@ def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, c
         case = {"case": case_name(image), "input": image, "output": str(target)}
         if str(target) in claimed:
             case.update(status="failed", error=f"{image}: its output {target} is already {claimed[str(target)]}'s")
-        elif target.exists() and not overwrite:
+        elif not overwrite and _finished(target, image, case):
             case["status"] = "exists"
         else:
             claimed[str(target)] = image
@@ -498,6 +509,23 @@ def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, c
         if progress:
             print(_case_line(case, number, len(targets)), file=sys.stderr)
     return cases
+
+
+def _finished(target: Path, image, case: dict) -> bool:
+    """Whether ``target`` is a finished label map of ``image`` (reads back whole with its shape and affine); a
+    file there that is not is redone, and ``case["redone"]`` says why."""
+    from .data import finished_output, image_geometry
+
+    if not (target.exists() or target.is_symlink()):
+        return False
+    try:
+        why = finished_output(target, image_geometry(image))
+    except InputError:  # the image itself is bad: the case runs and fails with its own message
+        return False
+    if why is not None:
+        case["redone"] = why
+        logger.warning("%s: exists but %s: segmenting the case again", target, why)
+    return why is None
 
 
 def _case_line(case: dict, number: int, total: int) -> str:

@@ -327,7 +327,7 @@ def test_command_exit_status_and_stderr(phantom, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_failing_output_keeps_the_previous_files(phantom, tmp_path, monkeypatch):
+def test_a_failing_output_keeps_the_previous_files(phantom, tmp_path, monkeypatch, capsys):
     from flare_c2f_extensions import outputs
 
     out = tmp_path / "seg.nii.gz"
@@ -338,11 +338,55 @@ def test_a_failing_output_keeps_the_previous_files(phantom, tmp_path, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(outputs, "preview_rgb", broken)
-    with pytest.raises(SystemExit, match="disk full"):
+    with pytest.raises(SystemExit) as exit_:
         main(["segment", "-i", str(phantom), "-o", str(out), "--statistics", "--per_organ", "--preview",
               "--overwrite", *RANDOM])
+    assert exit_.value.code == 3  # a case failed (README, "Inputs")
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and "report" not in p.name}
+    assert "disk full" in capsys.readouterr().err
     assert after == before  # the earlier run's files, untouched; no masks, no preview, no half-written file
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.is_dir()]
     report = json.loads((tmp_path / "seg_report.json").read_text())
     assert report["cases"][0]["status"] == "failed" and "disk full" in report["cases"][0]["error"]
+
+
+def test_output_folder_holding_the_inputs_is_refused(tmp_path, capsys):
+    folder = tmp_path / "cts"
+    image = write_phantom(folder / "abdomen.nii.gz")  # no _0000: the label map would be named like the input
+    before = image.read_bytes()
+    for output in (folder, image):
+        with pytest.raises(SystemExit) as exit_:
+            main(["segment", "-i", str(folder if output == folder else image), "-o", str(output), *RANDOM])
+        message = str(exit_.value.code)
+        assert message.startswith("error: ") and "input" in message and "\n" not in message
+    assert image.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["abdomen.nii.gz"]
+
+
+def test_rerun_redoes_a_truncated_output_and_keeps_a_finished_one(phantom, tmp_path):
+    out = tmp_path / "out"
+    main(["segment", "-i", str(phantom.parent), "-o", str(out), *RANDOM])
+    label_map = out / "abdomen.nii.gz"
+    finished = label_map.read_bytes()
+    main(["segment", "-i", str(phantom.parent), "-o", str(out), *RANDOM])
+    report = json.loads((out / "segment_report.json").read_text())
+    assert [case["status"] for case in report["cases"]] == ["exists"]
+    label_map.write_bytes(finished[: len(finished) // 2])
+    main(["segment", "-i", str(phantom.parent), "-o", str(out), *RANDOM])
+    report = json.loads((out / "segment_report.json").read_text())
+    assert report["cases"][0]["status"] == "done" and "cannot be read whole" in report["cases"][0]["redone"]
+    assert label_map.read_bytes() == finished
+
+
+def test_a_failed_case_gives_exit_status_3_after_the_others(phantom, tmp_path, capsys):
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    shutil.copy(phantom, folder / "good_0000.nii.gz")
+    (folder / "broken_0000.nii.gz").write_bytes(phantom.read_bytes()[:2000])  # truncated
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", "-i", str(folder), "-o", str(out), *RANDOM])
+    assert exit_.value.code == 3
+    assert (out / "good.nii.gz").is_file() and not (out / "broken.nii.gz").exists()
+    report = json.loads((out / "segment_report.json").read_text())
+    assert {case["case"]: case["status"] for case in report["cases"]} == {"broken": "failed", "good": "done"}
+    assert "broken_0000.nii.gz" in capsys.readouterr().err
