@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def phantom(out: str, n: int = 4, seed: int = 0, **options):
-    """Write a synthetic FLARE22-layout cohort (see ``flare_c2f_extensions.phantom.write_cohort``)."""
+    """Write a synthetic FLARE22-layout cohort (see ``flare_c2f_extensions.phantom.write_cohort``); ``--n_test``
+    held-out cases, ``--n_unlabelled`` unlabelled ones (``imagesUnlabelled/``, truth aside in ``truthUnlabelled/``)."""
     from .phantom import write_cohort
 
     return write_cohort(out, n=n, seed=seed, **options)
@@ -187,11 +188,95 @@ def segment(
         raise SystemExit(FAILED_CASES_EXIT_STATUS)
 
 
+def pseudo_label(
+    bundles_dir: str | None = None,
+    input: str | None = None,
+    output: str | None = None,
+    reference: str | None = None,
+    rule=None,
+    device: str | None = None,
+    stage_overrides=None,
+    require_weights=True,
+    overwrite=False,
+    seed: int = 0,
+):
+    """Pseudo-label unlabelled CTs with a teacher and gate each case:
+    ``flare-c2f pseudo_label --bundles_dir TEACHER -i UNLABELLED -o OUT [--reference D/labelsTr]``.
+
+    Writes ``OUT/labels/<case>.nii.gz``, ``OUT/signals/<case>.json`` (per organ: confidence mean and percentiles,
+    volume, components the largest-component step dropped; organs missing), ``OUT/quality.json``/``.csv`` with
+    each case's ``keep`` and reasons, and ``OUT/kept.json`` (a datalist of the kept cases). ``--reference``: the
+    labelled cohort's label maps (or a ``volume_reference.json``) for the organ volume check. ``--rule`` overrides
+    thresholds (JSON, e.g. ``'{"min_mean_confidence": 0.9}'``, or a JSON file); a rerun skips finished cases and
+    gates them again with the new rule. ``--require_weights false`` runs random weights seeded by ``--seed``
+    (plumbing only). Under ``torchrun`` the cases are shared between the ranks, each on its own device.
+    """
+    import torch
+
+    from .data import InputError
+    from .distributed import Ranks
+    from .labels import ORGANS
+    from .pseudo_label import pseudo_label as run
+    from .segmenter import as_bool, as_mapping, load_cascade
+
+    try:
+        if bundles_dir is None or input is None or output is None:
+            raise InputError("pseudo_label needs a teacher, an input and an output: --bundles_dir DIR -i IN -o OUT")
+        ranks = Ranks.from_env()
+        device = ranks.device(device)
+        threads = ranks.threads(device=device)
+        if threads:
+            torch.set_num_threads(threads)
+        teacher, _ = load_cascade(tuple(ORGANS), device, None, bundles_dir, None,
+                                  as_mapping(stage_overrides, "stage_overrides"),
+                                  as_bool(require_weights, "require_weights"), seed)
+        report = run(teacher, input, output, reference=reference, rule=rule, overwrite=bool(overwrite))
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+    finally:
+        Ranks.from_env().stop()
+    if "num_kept" not in report:
+        return  # not rank 0: rank 0 reports
+    print(f"{report['num_kept']} of {report['num_cases']} case(s) kept ({report['num_failed']} failed): {output}")
+
+
+def self_train(
+    dataset_dir: str,
+    unlabelled: str,
+    out: str,
+    rounds: int = 1,
+    teacher: str | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    override=None,
+    num_val: int = 10,
+    labelled_repeat: int = 1,
+    rule=None,
+):
+    """Self-train on unlabelled CTs: ``flare-c2f self_train --dataset_dir D --unlabelled U --rounds K --out DIR``.
+
+    Round 0 trains the teacher on D's labelled cases (or takes ``--teacher BUNDLES``); each round then pseudo-labels
+    U with the best cascade so far (quality gate: ``--rule``, see ``pseudo_label``), trains a student on the labelled
+    training cases (``--labelled_repeat`` times) plus the kept pseudo-labels, and scores it on the last ``num_val``
+    labelled cases. ``DIR/self_train.json`` names the best round; its ``bundles`` folder is the result. ``--epochs``,
+    ``--device`` and ``--override`` go to every training as in ``train``. Rerunning resumes."""
+    from .data import InputError
+    from .self_train import self_train as run
+
+    overrides = list(override) if isinstance(override, (list, tuple)) else override
+    try:
+        run(dataset_dir, unlabelled, out, rounds, teacher, epochs, device, overrides, num_val, labelled_repeat, rule)
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 COMMANDS = {
     "segment": segment,
     "quickstart": quickstart,
     "train": train,
     "phantom": phantom,
+    "pseudo_label": pseudo_label,
+    "self_train": self_train,
     "evaluate": evaluate,
     "network_info": network_info,
     "sample_ct": sample_ct,
@@ -202,7 +287,8 @@ COMMANDS = {
 }
 
 
-SHORT_FLAGS = {"segment": {"-i": "--input", "-o": "--output"}}  # TotalSegmentator's -i/-o; fire has no such aliases
+# TotalSegmentator's -i/-o; fire has no such aliases
+SHORT_FLAGS = {command: {"-i": "--input", "-o": "--output"} for command in ("segment", "pseudo_label")}
 
 
 def expand_short_flags(argv: list[str]) -> list[str]:

@@ -59,6 +59,7 @@ from .transforms import (
     box_slices,
     box_size,
     crop_resize,
+    dropped_components,
     fov_affine,
     keep_largest_component,
     resize_spatial,
@@ -178,11 +179,18 @@ def load_stage(
 
 @dataclass
 class CaseResult:
-    """What segmenting one case produced: the label map in the input's array layout and per-stage seconds."""
+    """What segmenting one case produced: the label map in the input's array layout and per-stage seconds.
+
+    With ``segment(..., keep_confidence=True)`` also ``confidence``: the fused probability of each voxel's winning
+    organ (float32, the label map's layout; 0 where no stage claimed an organ, and kept where the largest-component
+    step then removed the voxel), and ``dropped``: per FLARE id, the components and voxels that step removed.
+    """
 
     labels: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    confidence: np.ndarray | None = None
+    dropped: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 class Cascade:
@@ -258,8 +266,9 @@ class Cascade:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def segment(self, path: str | os.PathLike) -> CaseResult:
-        """Segment the CT at ``path``; returns the uint8 label map in the file's own array layout."""
+    def segment(self, path: str | os.PathLike, keep_confidence: bool = False) -> CaseResult:
+        """Segment the CT at ``path``; returns the uint8 label map in the file's own array layout (and with
+        ``keep_confidence`` the confidence map and what the largest-component step dropped, see CaseResult)."""
         seconds: dict[str, float] = {}
         skipped: list[str] = []
         clock = time.perf_counter()
@@ -295,14 +304,17 @@ class Cascade:
                 if located is None or not self._run_stage(stage, image, located, labels, confidence):
                     skipped.append(f"refiner:{stage.labels[0]}")
                 lap(f"refiner_{stage.labels[0]}")
-        del confidence, image
+        confidence = confidence.cpu().numpy() if keep_confidence else None  # freed here unless asked for
+        del image
 
-        result = labels.cpu().numpy()
-        if self.largest_component:
-            result = keep_largest_component(result)
+        raw = labels.cpu().numpy()
+        result = keep_largest_component(raw) if self.largest_component else raw
+        dropped = dropped_components(raw, result) if keep_confidence else {}
         result = nib.orientations.apply_orientation(result, ornt)
+        if confidence is not None:
+            confidence = np.ascontiguousarray(nib.orientations.apply_orientation(confidence, ornt))
         lap("postprocess")
-        return CaseResult(np.ascontiguousarray(result), seconds, skipped)
+        return CaseResult(np.ascontiguousarray(result), seconds, skipped, confidence, dropped)
 
     def _run_stage(self, stage: Stage, image, guide, labels, confidence) -> bool:
         """Crop, predict, resize back and fuse one stage; ``False`` if its organs are not in the guide."""

@@ -22,6 +22,7 @@ How unusual inputs are handled (:func:`read_ct`):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -370,6 +371,36 @@ def split_cases(cases: Sequence[dict], num_val: int) -> tuple[list[dict], list[d
     if not 0 < num_val < len(cases):
         raise InputError(f"num_val={num_val} leaves no case to train or to validate among {len(cases)} cases")
     return list(cases[:-num_val]), list(cases[-num_val:])
+
+
+def training_cases(
+    labelled: Sequence[dict], extra: str | os.PathLike | Sequence[dict] | None = None, labelled_repeat: int = 1
+) -> list[dict]:
+    """A stage's training list: the labelled training cases ``labelled_repeat`` times (over-sampling them against
+    pseudo-labelled ones), then the cases of ``extra``: a datalist (``[{"image": ..., "label": ...}]``, e.g. the
+    ``kept.json`` of ``flare-c2f pseudo_label``) or a JSON file holding one. Validation stays labelled-only.
+
+    Each extra case's image and label must exist with one shape. A repeated case is cached once per repeat by a
+    ``CacheDataset`` (memory grows with ``labelled_repeat``)."""
+    repeat = int(labelled_repeat)
+    if repeat < 1:
+        raise InputError(f"labelled_repeat must be at least 1, got {labelled_repeat}")
+    if extra is None or (isinstance(extra, str) and not extra):
+        return list(labelled) * repeat
+    if isinstance(extra, (str, os.PathLike)):
+        try:
+            extra = json.loads(Path(extra).read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"{extra}: extra_datalist is not a readable JSON datalist ({error})") from None
+    cases = []
+    for case in extra:
+        if not isinstance(case, dict) or "image" not in case or "label" not in case:
+            raise InputError(f"extra_datalist: each case needs an image and a label, got {case!r}")
+        image_shape, label_shape = check_volume(case["image"]), check_volume(case["label"], "label map")
+        if image_shape != label_shape:
+            raise InputError(f"{case['label']}: label map shape {label_shape} differs from its image's {image_shape}")
+        cases.append({"image": str(case["image"]), "label": str(case["label"])})
+    return list(labelled) * repeat + cases
 
 
 def _umask() -> int:

@@ -423,8 +423,12 @@ def run_segment(
 ) -> dict:
     """``flare-c2f segment``: check everything that can be checked (inputs, output folder, organs, weights) before
     any network runs, then segment each input and write its outputs (:func:`outputs.write_case`) and a run report.
-    A case that fails is reported and the others go on. Returns the report."""
+    A case that fails is reported and the others go on. Returns the report.
+
+    Under ``torchrun`` each rank segments its share of the cases on its own device and rank 0 writes one merged
+    report (:mod:`.distributed`); the other ranks return their part."""
     from .data import prepare_output_dir
+    from .distributed import Ranks, merge_reports
     from .outputs import stem_of
 
     chosen = parse_organs(organs)
@@ -441,13 +445,18 @@ def run_segment(
     folder = prepare_output_dir(targets[0][1].parent)
     single_file = len(targets) == 1 and targets[0][1] == Path(str(output)).expanduser()
     report_path = folder / (f"{stem_of(targets[0][1])}_report.json" if single_file else "segment_report.json")
+    ranks = Ranks.from_env()  # one process: everything as it was
+    device = options["device"] = ranks.device(options.get("device"))
+    options["threads"] = ranks.threads(options.get("threads"), device)
+    mine = ranks.shard(targets, key=lambda target: str(target[1]))  # every case on exactly one rank
+    ranks.start()
     collect = _CollectWarnings(echo=progress)
     package_logger = logging.getLogger("flare_c2f_extensions")
     package_logger.addHandler(collect)
     try:
         segmenter = Segmenter(organs=chosen, **options)
         run_warnings = collect.take()
-        cases = _run_cases(segmenter, targets, overwrite, progress, collect,
+        cases = _run_cases(segmenter, mine, overwrite, progress, collect,
                            dict(per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics, preview=preview))
     finally:
         package_logger.removeHandler(collect)
@@ -457,6 +466,12 @@ def run_segment(
     report = {
         **_environment(segmenter), "warnings": run_warnings, **_summarise(cases, segmenter.cascade.device, ignored),
     }
+    parts = ranks.gather(report)
+    ranks.stop()
+    if parts is None:  # not rank 0: rank 0 writes the merged report
+        return {**report, "report": str(report_path)}
+    if ranks.distributed:
+        report = merge_reports(parts, lambda cases: _summarise(cases, segmenter.cascade.device, ignored))
     write_text_atomic(json.dumps(report, indent=4) + "\n", report_path)
     report["report"] = str(report_path)
     return report
