@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def phantom(out: str, n: int = 4, seed: int = 0, **options):
-    """Write a synthetic FLARE22-layout cohort (see ``flare_c2f_extensions.phantom.write_cohort``)."""
+    """Write a synthetic FLARE22-layout cohort (see ``flare_c2f_extensions.phantom.write_cohort``); ``--n_test``
+    held-out cases, ``--n_unlabelled`` unlabelled ones (``imagesUnlabelled/``, truth aside in ``truthUnlabelled/``)."""
     from .phantom import write_cohort
 
     return write_cohort(out, n=n, seed=seed, **options)
@@ -18,10 +19,17 @@ def network_info(spatial_size: int = 128, channels=None, blocks_per_level: int =
 
 
 def evaluate(pred: str, gt: str, out: str):
-    """FLARE22 DSC and NSD of the label maps in ``pred`` against ``gt``; writes metrics.csv and summary.json."""
-    from .metrics import evaluate_folder, format_summary
+    """FLARE22 DSC and NSD of the label maps in ``pred`` against ``gt``; writes metrics.csv and summary.json.
+    Exit status 3 when a case could not be scored (it is listed; the others are scored)."""
+    import sys
 
-    print(format_summary(evaluate_folder(pred, gt, out)))
+    from .metrics import FAILED_CASES_EXIT_STATUS, evaluate_folder, format_summary
+
+    summary = evaluate_folder(pred, gt, out)
+    print(format_summary(summary))
+    if summary["failed_cases"]:
+        print(f"error: {len(summary['failed_cases'])} case(s) could not be scored (see above)", file=sys.stderr)
+        sys.exit(FAILED_CASES_EXIT_STATUS)
 
 
 def quickstart(out: str = "./quickstart", **options):
@@ -29,6 +37,28 @@ def quickstart(out: str = "./quickstart", **options):
     from .quickstart import quickstart as run
 
     run(out, **options)
+
+
+def train(
+    dataset_dir: str,
+    out: str,
+    stages=None,
+    epochs: int | None = None,
+    device: str | None = None,
+    override=None,
+    num_val: int = 10,
+    evaluate: bool = True,
+):
+    """Train every stage of the cascade (or ``--stages coarse,solid``; ``refiner`` = the four refiners) from a
+    FLARE-layout folder into ``out/<bundle>/`` through each bundle's configs/train.json, then evaluate the cascade
+    on the last ``num_val`` labelled cases. ``--override "solid#learning_rate=0.001"`` (repeatable; no stage
+    prefix: every stage) or ``--override overrides.yaml`` ({stage: {key: value}}). Rerunning resumes.
+    Several GPUs: ``torchrun --nproc_per_node=N -m flare_c2f_extensions train ...``."""
+    from .train import train_cascade
+
+    stages = ",".join(stages) if isinstance(stages, (list, tuple)) else stages
+    overrides = list(override) if isinstance(override, (list, tuple)) else override
+    train_cascade(dataset_dir, out, stages, epochs, device, overrides, num_val, evaluate)
 
 
 def sample_ct(out: str, cache: str | None = None):
@@ -100,9 +130,153 @@ def export(bundle_dir: str, formats: str = "ts,onnx", out: str | None = None, ov
         print(json.dumps(item))
 
 
+def segment(
+    input: str | None = None,
+    output: str | None = None,
+    organs=None,
+    device: str | None = None,
+    threads: int | None = None,
+    amp=None,
+    bundles_dir: str | None = None,
+    stage_dirs=None,
+    stage_overrides=None,
+    require_weights=True,
+    overwrite=False,
+    per_organ=False,
+    dicom_seg=False,
+    statistics=False,
+    preview=False,
+    seed: int = 0,
+):
+    """Segment the 13 FLARE22 organs in CT: ``flare-c2f segment -i CT -o OUT [options]``.
+
+    ``-i``: a NIfTI file, a DICOM series folder, or a folder of them. ``-o``: the label map's file name for one
+    input (``seg.nii.gz``), else a folder (``<case>.nii.gz`` per input). Beside each label map: its label names
+    (``.json`` in MONAI channel_def form, ``.itksnap.txt``, ``.ctbl`` for 3D Slicer), and with ``--per_organ`` one
+    mask per organ, ``--dicom_seg`` a DICOM Segmentation (DICOM input), ``--statistics`` volumes and HU (JSON and
+    CSV), ``--preview`` a PNG; a run report JSON per run. ``--organs liver,spleen``: only these (and only the
+    stages they need). ``--device cuda``, ``--threads N``, ``--amp true|false``. Weights: ``--bundles_dir DIR``
+    (trained stage bundles) or ``--stage_dirs "{'coarse': DIR, ...}"``; ``--require_weights false`` runs random
+    weights (seeded by ``--seed``) for timing. ``--stage_overrides`` takes config overrides per stage (JSON).
+    Existing outputs are kept unless ``--overwrite``.
+    """
+    from .data import InputError
+    from .segmenter import as_bool, run_segment
+
+    try:
+        if input is None or output is None:
+            raise InputError("segment needs an input and an output: flare-c2f segment -i CT -o OUT")
+        flags = dict(overwrite=overwrite, per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics,
+                     preview=preview)
+        flags = {name: as_bool(value, name) for name, value in flags.items()}
+        report = run_segment(
+            str(input), str(output), organs=organs, device=device, threads=threads, amp=amp, bundles_dir=bundles_dir,
+            stage_dirs=stage_dirs, stage_overrides=stage_overrides, require_weights=require_weights, seed=seed,
+            **flags,
+        )
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+    failed = [case for case in report["cases"] if case["status"] == "failed"]
+    if failed:  # the report is written; exit status 3 as the cascade bundle's (README, "Inputs")
+        import sys
+
+        from .cascade import FAILED_CASES_EXIT_STATUS
+
+        for case in failed:
+            print(f"error: {case['error']}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(report['cases'])} case(s) failed (see {report['report']})", file=sys.stderr)
+        raise SystemExit(FAILED_CASES_EXIT_STATUS)
+
+
+def pseudo_label(
+    bundles_dir: str | None = None,
+    input: str | None = None,
+    output: str | None = None,
+    reference: str | None = None,
+    rule=None,
+    device: str | None = None,
+    stage_overrides=None,
+    require_weights=True,
+    overwrite=False,
+    seed: int = 0,
+):
+    """Pseudo-label unlabelled CTs with a teacher and gate each case:
+    ``flare-c2f pseudo_label --bundles_dir TEACHER -i UNLABELLED -o OUT [--reference D/labelsTr]``.
+
+    Writes ``OUT/labels/<case>.nii.gz``, ``OUT/signals/<case>.json`` (per organ: confidence mean and percentiles,
+    volume, components the largest-component step dropped; organs missing), ``OUT/quality.json``/``.csv`` with
+    each case's ``keep`` and reasons, and ``OUT/kept.json`` (a datalist of the kept cases). ``--reference``: the
+    labelled cohort's label maps (or a ``volume_reference.json``) for the organ volume check. ``--rule`` overrides
+    thresholds (JSON, e.g. ``'{"min_mean_confidence": 0.9}'``, or a JSON file); a rerun skips finished cases and
+    gates them again with the new rule. ``--require_weights false`` runs random weights seeded by ``--seed``
+    (plumbing only). Under ``torchrun`` the cases are shared between the ranks, each on its own device.
+    """
+    import torch
+
+    from .data import InputError
+    from .distributed import Ranks
+    from .labels import ORGANS
+    from .pseudo_label import pseudo_label as run
+    from .segmenter import as_bool, as_mapping, load_cascade
+
+    try:
+        if bundles_dir is None or input is None or output is None:
+            raise InputError("pseudo_label needs a teacher, an input and an output: --bundles_dir DIR -i IN -o OUT")
+        ranks = Ranks.from_env()
+        device = ranks.device(device)
+        threads = ranks.threads(device=device)
+        if threads:
+            torch.set_num_threads(threads)
+        teacher, _ = load_cascade(tuple(ORGANS), device, None, bundles_dir, None,
+                                  as_mapping(stage_overrides, "stage_overrides"),
+                                  as_bool(require_weights, "require_weights"), seed)
+        report = run(teacher, input, output, reference=reference, rule=rule, overwrite=bool(overwrite))
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+    finally:
+        Ranks.from_env().stop()
+    if "num_kept" not in report:
+        return  # not rank 0: rank 0 reports
+    print(f"{report['num_kept']} of {report['num_cases']} case(s) kept ({report['num_failed']} failed): {output}")
+
+
+def self_train(
+    dataset_dir: str,
+    unlabelled: str,
+    out: str,
+    rounds: int = 1,
+    teacher: str | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    override=None,
+    num_val: int = 10,
+    labelled_repeat: int = 1,
+    rule=None,
+):
+    """Self-train on unlabelled CTs: ``flare-c2f self_train --dataset_dir D --unlabelled U --rounds K --out DIR``.
+
+    Round 0 trains the teacher on D's labelled cases (or takes ``--teacher BUNDLES``); each round then pseudo-labels
+    U with the best cascade so far (quality gate: ``--rule``, see ``pseudo_label``), trains a student on the labelled
+    training cases (``--labelled_repeat`` times) plus the kept pseudo-labels, and scores it on the last ``num_val``
+    labelled cases. ``DIR/self_train.json`` names the best round; its ``bundles`` folder is the result. ``--epochs``,
+    ``--device`` and ``--override`` go to every training as in ``train``. Rerunning resumes."""
+    from .data import InputError
+    from .self_train import self_train as run
+
+    overrides = list(override) if isinstance(override, (list, tuple)) else override
+    try:
+        run(dataset_dir, unlabelled, out, rounds, teacher, epochs, device, overrides, num_val, labelled_repeat, rule)
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 COMMANDS = {
+    "segment": segment,
     "quickstart": quickstart,
+    "train": train,
     "phantom": phantom,
+    "pseudo_label": pseudo_label,
+    "self_train": self_train,
     "evaluate": evaluate,
     "network_info": network_info,
     "sample_ct": sample_ct,
@@ -113,10 +287,26 @@ COMMANDS = {
 }
 
 
-def main():
+# TotalSegmentator's -i/-o; fire has no such aliases
+SHORT_FLAGS = {command: {"-i": "--input", "-o": "--output"} for command in ("segment", "pseudo_label")}
+
+
+def expand_short_flags(argv: list[str]) -> list[str]:
+    """``segment -i CT -o OUT`` -> ``segment --input CT --output OUT`` (also ``-i=CT``)."""
+    aliases = SHORT_FLAGS.get(argv[0], {}) if argv else {}
+    expanded = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        expanded.append(aliases[flag] + equals + value if flag in aliases else arg)
+    return expanded
+
+
+def main(argv: list[str] | None = None):
+    import sys
+
     import fire
 
-    fire.Fire(COMMANDS)
+    fire.Fire(COMMANDS, command=expand_short_flags(sys.argv[1:] if argv is None else list(argv)))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ from .data import (
     InputError,
     InputWarnings,
     case_name,
+    finished_output,
+    image_geometry,
+    outputs_apart_from_inputs,
     prepare_output_dir,
     read_ct,
     save_label_map,
@@ -48,28 +52,21 @@ from .data import (
 )
 from .efficiency import ResourceMonitor
 from .labels import GROUPS, ORGANS, organ_id
+from .paths import BUNDLES_DIR, STAGE_BUNDLES, bundles_dir as default_bundles_dir
 from .transforms import (
     CropFromMask,
     box_affine,
     box_slices,
     box_size,
     crop_resize,
+    dropped_components,
     fov_affine,
     keep_largest_component,
     resize_spatial,
 )
+from .weights import load_weights
 
 logger = logging.getLogger(__name__)
-
-BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"  # the bundles beside the package
-STAGE_BUNDLES = {
-    "coarse": "flare22_coarse",
-    "solid": "flare22_fine_solid",
-    "digestive": "flare22_fine_digestive",
-    "vessels": "flare22_fine_vessels",
-    "locator": "flare22_small_locator",
-    "refiner": "flare22_small_refiner",
-}
 
 
 @dataclass
@@ -162,8 +159,7 @@ def load_stage(
     else:
         network = parser.get_parsed_content("network_def")
         if checkpoint.is_file():
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            network.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
+            load_weights(network, checkpoint, name)
         elif require_weights:
             what = "TorchScript module" if checkpoint.suffix == ".ts" else "weights"
             raise InputError(f"{checkpoint}: no {what} for the {name} stage (train it with its configs/train.json)")
@@ -183,11 +179,18 @@ def load_stage(
 
 @dataclass
 class CaseResult:
-    """What segmenting one case produced: the label map in the input's array layout and per-stage seconds."""
+    """What segmenting one case produced: the label map in the input's array layout and per-stage seconds.
+
+    With ``segment(..., keep_confidence=True)`` also ``confidence``: the fused probability of each voxel's winning
+    organ (float32, the label map's layout; 0 where no stage claimed an organ, and kept where the largest-component
+    step then removed the voxel), and ``dropped``: per FLARE id, the components and voxels that step removed.
+    """
 
     labels: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    confidence: np.ndarray | None = None
+    dropped: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 class Cascade:
@@ -223,15 +226,17 @@ class Cascade:
         small_organs: Sequence[str | int] | None = None,
         require_weights: bool = True,
         largest_component: bool = True,
+        organs: Sequence[str | int] | None = None,
     ) -> Cascade:
         """Load every stage from its bundle folder (siblings in ``bundles_dir`` unless ``stage_dirs`` says otherwise).
 
         ``stage_overrides``: config overrides per stage name (``coarse``, ``solid``, ``digestive``, ``vessels``,
         ``locator``, ``refiner``), e.g. a small network; ``small_organs``: the organs that get a refiner
-        (default the four small organs).
+        (default the four small organs); ``organs``: only the stages these organs need are loaded (the coarse
+        stage, the groups that hold them, the locator and refiners of the small ones among them).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        bundles_dir = Path(bundles_dir) if bundles_dir is not None else BUNDLES_DIR
+        bundles_dir = Path(bundles_dir) if bundles_dir is not None else default_bundles_dir()
         dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
         dirs.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
         overrides = dict(stage_overrides or {})
@@ -240,12 +245,15 @@ class Cascade:
             merged = {**overrides.get(name, {}), **(extra or {})}
             return load_stage(name, dirs[name], device, merged, require_weights=require_weights)
 
-        organs = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
+        wanted = set(ORGANS) if organs is None else {organ_id(o) for o in organs}
+        small = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
+        small = tuple(o for o in small if o in wanted)
+        groups = [group for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
         return cls(
             coarse=stage("coarse"),
-            groups=[stage(group) for group in ("solid", "digestive", "vessels")],
-            locator=stage("locator") if organs else None,
-            refiners=[stage("refiner", {"organ": ORGANS[o]}) for o in organs],
+            groups=[stage(group) for group in groups],
+            locator=stage("locator") if small else None,
+            refiners=[stage("refiner", {"organ": ORGANS[o]}) for o in small],
             device=device,
             amp=amp,
             largest_component=largest_component,
@@ -258,8 +266,9 @@ class Cascade:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def segment(self, path: str | os.PathLike) -> CaseResult:
-        """Segment the CT at ``path``; returns the uint8 label map in the file's own array layout."""
+    def segment(self, path: str | os.PathLike, keep_confidence: bool = False) -> CaseResult:
+        """Segment the CT at ``path``; returns the uint8 label map in the file's own array layout (and with
+        ``keep_confidence`` the confidence map and what the largest-component step dropped, see CaseResult)."""
         seconds: dict[str, float] = {}
         skipped: list[str] = []
         clock = time.perf_counter()
@@ -295,14 +304,17 @@ class Cascade:
                 if located is None or not self._run_stage(stage, image, located, labels, confidence):
                     skipped.append(f"refiner:{stage.labels[0]}")
                 lap(f"refiner_{stage.labels[0]}")
-        del confidence, image
+        confidence = confidence.cpu().numpy() if keep_confidence else None  # freed here unless asked for
+        del image
 
-        result = labels.cpu().numpy()
-        if self.largest_component:
-            result = keep_largest_component(result)
+        raw = labels.cpu().numpy()
+        result = keep_largest_component(raw) if self.largest_component else raw
+        dropped = dropped_components(raw, result) if keep_confidence else {}
         result = nib.orientations.apply_orientation(result, ornt)
+        if confidence is not None:
+            confidence = np.ascontiguousarray(nib.orientations.apply_orientation(confidence, ornt))
         lap("postprocess")
-        return CaseResult(np.ascontiguousarray(result), seconds, skipped)
+        return CaseResult(np.ascontiguousarray(result), seconds, skipped, confidence, dropped)
 
     def _run_stage(self, stage: Stage, image, guide, labels, confidence) -> bool:
         """Crop, predict, resize back and fuse one stage; ``False`` if its organs are not in the guide."""
@@ -365,22 +377,35 @@ def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir:
     return result
 
 
-__all__ = ["Cascade", "CaseResult", "Stage", "default_amp", "load_stage", "segment_to_file", "BUNDLES_DIR", "STAGE_BUNDLES"]
+__all__ = [
+    "Cascade", "CaseResult", "Stage", "default_amp", "load_stage", "segment_to_file", "BUNDLES_DIR", "STAGE_BUNDLES",
+    "CascadeRunner", "FAILED_CASES_EXIT_STATUS",
+]
+
+
+FAILED_CASES_EXIT_STATUS = 3  # the process's exit status when a batch ran but some case failed (README, "Inputs")
 
 
 class CascadeRunner:
     """Segment a batch of CTs with one :class:`Cascade`: progress bar, one bad case never stops the others,
     atomic outputs, finished cases skipped on a rerun unless ``overwrite``, and an efficiency report.
 
-    ``dataset``: ``[{"image": path}, ...]`` (``data.find_images``) or paths; an image is a NIfTI file or a DICOM
-    series folder. Writes ``output_dir/<case>.nii.gz`` and ``output_dir/efficiency.json`` / ``efficiency.csv``
-    (per case: status, seconds by stage, peak RSS, GPU peak and memory-time area, CPU-time area; in the JSON also
-    the input warnings, e.g. NaN voxels replaced). ``run()`` returns the report.
+    ``dataset``: ``[{"image": path}, ...]`` (``data.find_images``; an item's ``"case"`` names its output where given)
+    or paths; an image is a NIfTI file or a DICOM series folder. Writes ``output_dir/<case>.nii.gz`` and
+    ``output_dir/efficiency.json`` / ``efficiency.csv`` (per case: status, seconds by stage, peak RSS, GPU peak and
+    memory-time area, CPU-time area; in the JSON also the input warnings, e.g. NaN voxels replaced, and the
+    entries of the input folder that were ignored, with why). ``run()`` returns the report.
 
-    ``run()`` first checks that ``output_dir`` can be created and written, and fails with one
-    :class:`~flare_c2f_extensions.data.InputError` before any case runs if not. Two inputs that would write the
-    same output file (``a.nii`` and ``a.nii.gz``, or ``a_0000.nii.gz`` and a DICOM folder ``a``): the later one
-    fails, the earlier one is written.
+    ``run()`` first refuses, with one :class:`~flare_c2f_extensions.data.InputError` before any case runs, an output
+    folder that cannot be created and written or whose outputs would overwrite an input or be taken for inputs on
+    the next run (the input's own folder). Two inputs that would write the same output file (``a.nii`` and
+    ``a.nii.gz``, or ``a_0000.nii.gz`` and a DICOM folder ``a``): the later one fails, the earlier one is written.
+    A file already at a case's output path counts as finished only if it reads back as a label map with the
+    image's shape and affine; anything else there is segmented again (``"redone"`` in the report says why).
+
+    ``exit_on_failure``: after writing the report, end the process with exit status
+    :data:`FAILED_CASES_EXIT_STATUS` when any case failed, listing the failed cases on stderr (the bundle's
+    command sets it; 0 only when every case is done or was already finished).
     """
 
     def __init__(
@@ -391,21 +416,26 @@ class CascadeRunner:
         overwrite: bool = False,
         progress: bool = True,
         report_name: str = "efficiency",
+        exit_on_failure: bool = False,
     ):
         self.cascade = cascade
-        self.images = [item["image"] if isinstance(item, Mapping) else item for item in dataset]
+        items = [item if isinstance(item, Mapping) else {"image": item} for item in dataset]
+        self.images = [item["image"] for item in items]
+        self.names = [item.get("case") or case_name(item["image"]) for item in items]
+        self.ignored = list(getattr(dataset, "ignored", []))
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
         self.progress = progress
         self.report_name = report_name
+        self.exit_on_failure = exit_on_failure
 
     def run(self) -> dict:
+        outputs_apart_from_inputs(list(zip(self.images, self.names)), self.output_dir)
         prepare_output_dir(self.output_dir)
         cases = []
         claimed: dict[str, str] = {}
-        bar = tqdm(self.images, desc="cascade", unit="case", disable=not self.progress)
-        for image in bar:
-            name = case_name(image)
+        bar = tqdm(list(zip(self.images, self.names)), desc="cascade", unit="case", disable=not self.progress)
+        for image, name in bar:
             bar.set_postfix_str(name)
             if name in claimed:
                 message = f"{image}: its output {name}.nii.gz is already that of {claimed[name]} in this batch"
@@ -413,43 +443,78 @@ class CascadeRunner:
                 cases.append({"case": name, "status": "failed", "error": message})
                 continue
             claimed[name] = str(image)
-            output = self.output_dir / f"{name}.nii.gz"
-            if output.exists() and not self.overwrite:
+            redone = self._unfinished(image, name)
+            if redone is None:
                 cases.append({"case": name, "status": "exists"})
                 continue
-            try:
-                with InputWarnings() as warned, ResourceMonitor(self.cascade.device) as monitor:
-                    result = segment_to_file(self.cascade, image, self.output_dir)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as error:  # one bad case must not stop the batch
-                message = str(error) if isinstance(error, InputError) else f"{image}: {type(error).__name__}: {error}"
-                logger.error("failed: %s", message)
-                cases.append({"case": name, "status": "failed", "error": message, **warned.as_dict()})
-                continue
-            cases.append(
-                {
-                    "case": name,
-                    "status": "done",
-                    **monitor.usage.as_dict(),
-                    "stage_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
-                    "skipped_stages": result.skipped,
-                    **warned.as_dict(),
-                }
-            )
-        report = _summarise(cases, self.cascade.device)
-        _write_report(report, self.output_dir, self.report_name)
-        failed = [case for case in cases if case["status"] == "failed"]
-        if failed:
-            logger.error("%d of %d case(s) failed: %s", len(failed), len(cases), ", ".join(c["case"] for c in failed))
+            cases.append({"case": name, **self._segment(image, name), **({"redone": redone} if redone else {})})
+        report = _summarise(cases, self.cascade.device, self.ignored)
+        try:
+            _write_report(report, self.output_dir, self.report_name)
+        except OSError as error:
+            where = self.output_dir / f"{self.report_name}.json"
+            raise InputError(f"{where}: the report cannot be written ({error.strerror or error})") from None
+        self._end(report)
         return report
 
+    def _unfinished(self, image, name: str) -> str | None:
+        """``None`` if the case's output is finished (and not to be overwritten), ``""`` if there is none or it is
+        to be overwritten, else why the file there is not a finished output."""
+        output = self.output_dir / f"{name}.nii.gz"
+        if self.overwrite or not (output.exists() or output.is_symlink()):
+            return ""
+        try:
+            why = finished_output(output, image_geometry(image))
+        except InputError:  # the image itself is bad: the case runs and fails with its own message
+            return ""
+        if why is not None:
+            logger.warning("%s: exists but %s: segmenting the case again", output, why)
+        return why
 
-def _summarise(cases: list[dict], device: torch.device) -> dict:
+    def _segment(self, image, name: str) -> dict:
+        try:
+            with InputWarnings() as warned, ResourceMonitor(self.cascade.device) as monitor:
+                result = self.cascade.segment(image)
+                save_label_map(result.labels, image, self.output_dir, name=name)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:  # one bad case must not stop the batch
+            message = str(error) if isinstance(error, InputError) else f"{image}: {type(error).__name__}: {error}"
+            logger.error("failed: %s", message)
+            return {"status": "failed", "error": message, **warned.as_dict()}
+        return {
+            "status": "done",
+            **monitor.usage.as_dict(),
+            "stage_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+            "skipped_stages": result.skipped,
+            **warned.as_dict(),
+        }
+
+    def _end(self, report: dict) -> None:
+        failed = [case for case in report["cases"] if case["status"] == "failed"]
+        if not failed:
+            return
+        cases = report["cases"]
+        logger.error("%d of %d case(s) failed: %s", len(failed), len(cases), ", ".join(c["case"] for c in failed))
+        if self.exit_on_failure:
+            for case in failed:
+                print(f"failed: {case['case']}: {case['error']}", file=sys.stderr)
+            report_path = self.output_dir / f"{self.report_name}.json"
+            print(
+                f"error: {len(failed)} of {len(cases)} case(s) failed (listed above and in {report_path}); "
+                f"exit status {FAILED_CASES_EXIT_STATUS}",
+                file=sys.stderr,
+            )
+            raise SystemExit(FAILED_CASES_EXIT_STATUS)
+
+
+def _summarise(cases: list[dict], device: torch.device, ignored: Sequence[dict] = ()) -> dict:
     done = [case for case in cases if case["status"] == "done"]
     summary = {"device": str(device), "cases": cases, "num_done": len(done)}
     summary["num_failed"] = sum(case["status"] == "failed" for case in cases)
     summary["num_existing"] = sum(case["status"] == "exists" for case in cases)
+    summary["num_redone"] = sum("redone" in case for case in cases)
+    summary["ignored_inputs"] = list(ignored)
     if done:
         for key in ("seconds", "peak_rss_mb", "peak_gpu_mb", "gpu_mb_seconds", "cpu_percent_seconds"):
             summary[f"mean_{key}"] = round(float(np.mean([case[key] for case in done])), 2)

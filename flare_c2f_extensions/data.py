@@ -22,6 +22,7 @@ How unusual inputs are handled (:func:`read_ct`):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -116,14 +117,14 @@ def case_name(path: str | os.PathLike) -> str:
         return Path(path).name
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):  # .NII.GZ too
             name = name[: -len(suffix)]
             break
     return name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else name
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).endswith(NIFTI_SUFFIXES)
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def _check_affine(path, affine: np.ndarray) -> np.ndarray:
@@ -159,7 +160,7 @@ def _check_size(path: Path, nifti, shape, what: str) -> None:
         offset = int(nifti.dataobj.offset)
     except Exception:  # unusual image types: leave it to the reader
         return
-    if str(path).endswith(".gz"):
+    if str(path).lower().endswith(".gz"):
         if needed > MAX_GZIP_RATIO * size:
             raise InputError(
                 f"{path}: truncated or corrupt {what}: its header claims {needed} bytes of voxels, more than a "
@@ -199,22 +200,97 @@ def _existing_dir(folder: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def _image_candidates(folder: Path) -> list[Path]:
-    """NIfTI files and DICOM series folders in ``folder``, by name; ``[folder]`` if it is itself a DICOM series."""
-    images = _nifti_files(folder) + [p for p in folder.iterdir() if p.is_dir() and is_dicom_series(p)]
-    if not images and is_dicom_series(folder):
-        return [folder]
-    return sorted(images, key=lambda p: p.name)
+MAX_SERIES_DEPTH = 6  # how deep below an input folder DICOM series are looked for (patient/study/series/...)
+
+
+class FoundImages(list):
+    """What :func:`find_images` found: a list of ``{"image": path}`` (with ``"case"`` where the case name is not
+    :func:`case_name` of the path: nested DICOM series) and ``ignored``, every other entry of the folder as
+    ``{"path": ..., "reason": ...}`` (a batch runner puts them in its report)."""
+
+    def __init__(self, items=(), ignored=()):
+        super().__init__(items)
+        self.ignored = list(ignored)
+
+
+def _ignore(ignored: list, path: Path, reason: str, quiet: bool = False) -> None:
+    ignored.append({"path": str(path), "reason": reason})
+    logger.log(logging.DEBUG if quiet else logging.WARNING, "%s: ignored: %s", path, reason)
+
+
+def _nested_series(folder: Path, root: Path, depth: int = 1) -> list[tuple[Path, str]]:
+    """DICOM series folders below ``folder`` (not following links, not into hidden folders), each with a case
+    name made of its path below ``root`` (``patient1/CT/2`` -> ``patient1_CT_2``)."""
+    found = []
+    try:
+        children = sorted(
+            p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+        )
+    except OSError:
+        return found
+    for child in children:
+        if is_dicom_series(child):
+            found.append((child, "_".join(child.relative_to(root).parts)))
+        elif depth < MAX_SERIES_DEPTH:
+            found.extend(_nested_series(child, root, depth + 1))
+    return found
+
+
+def _scan(folder: Path, exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[tuple[Path, str | None]], list]:
+    """Every entry of ``folder``: an image (path, case name or ``None`` for the usual one) or ignored with why."""
+    excluded = {os.path.realpath(p) for p in exclude}
+    images: list[tuple[Path, str | None]] = []
+    ignored: list[dict] = []
+    loose_dicom: list[Path] = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if os.path.realpath(entry) in excluded:
+            _ignore(ignored, entry, "the output folder", quiet=True)
+        elif name.startswith("._"):
+            _ignore(ignored, entry, "macOS AppleDouble metadata file", quiet=True)
+        elif name.startswith("."):
+            _ignore(ignored, entry, "hidden", quiet=True)
+        elif entry.is_symlink() and not entry.exists():
+            _ignore(ignored, entry, f"a symbolic link whose target does not exist ({os.readlink(entry)})")
+        elif entry.is_dir():
+            series = is_dicom_series(entry)
+            nested = [] if series else _nested_series(entry, folder)
+            if series:
+                images.append((entry, None))
+            elif nested:
+                images.extend(nested)
+            else:
+                _ignore(ignored, entry, f"a folder with no DICOM series in it (nor {MAX_SERIES_DEPTH} levels below)")
+        elif not entry.is_file():
+            _ignore(ignored, entry, "not a regular file (a pipe, socket or device)")
+        elif is_nifti(entry):
+            images.append((entry, None))
+        elif is_dicom_file(entry):
+            loose_dicom.append(entry)
+        else:
+            _ignore(ignored, entry, "not a NIfTI file (.nii, .nii.gz; any case) nor a DICOM file")
+    if loose_dicom and not images:  # the folder is itself one series
+        return [(folder, None)], ignored
+    for path in loose_dicom:
+        _ignore(ignored, path, "a DICOM file beside other images: put each series in a folder of its own")
+    return images, ignored
 
 
 def find_images(
-    dataset_dir: str | os.PathLike, subdir: str = "imagesTs", strict: bool | None = None
-) -> list[dict[str, str]]:
+    dataset_dir: str | os.PathLike,
+    subdir: str = "imagesTs",
+    strict: bool | None = None,
+    exclude: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+) -> FoundImages:
     """Images to segment in ``dataset_dir/subdir`` if that folder exists, else in ``dataset_dir``.
 
-    An image is a NIfTI file (``*.nii.gz``, ``*.nii``) or a DICOM series folder (a subfolder holding DICOM
-    files; its case name is the folder's name); a folder that is itself a DICOM series is one image. Other
-    files are ignored; a folder with no image is an error. Returns ``[{"image": path}, ...]`` sorted by name.
+    An image is a NIfTI file (``*.nii.gz``, ``*.nii``, suffixes in any case) or a DICOM series folder (a
+    subfolder holding DICOM files, recognised by content; its case name is the folder's name); series further
+    down (``patient/study/series``) are found too, each named by its path (``patient_study_series``); a folder
+    that is itself a DICOM series is one image. Every other entry is reported as ignored with its reason (a
+    warning; hidden and macOS ``._*`` files quietly) and listed in the result's ``ignored``; ``exclude`` (the
+    output folder) is never looked into. A folder with no image is an error. Returns ``[{"image": path}, ...]``
+    sorted by name (:class:`FoundImages`).
 
     Each image's header is checked. ``strict=True``: any bad image is an error. ``strict=False``: bad images are
     listed anyway, with a warning, so that a batch runner reports each as failed while the others run.
@@ -222,9 +298,14 @@ def find_images(
     """
     root = _existing_dir(dataset_dir, "dataset_dir")
     folder = root / subdir if subdir and (root / subdir).is_dir() else root
-    images = _image_candidates(folder)
-    if not images:
+    if exclude is None:
+        exclude = []
+    elif isinstance(exclude, (str, os.PathLike)):
+        exclude = [exclude]
+    found, ignored = _scan(folder, exclude)
+    if not found:
         raise InputError(f"{folder}: no NIfTI images (*.nii.gz, *.nii) or DICOM series folders found")
+    images = [image for image, _ in found]
     problems = []
     for image in images:
         try:
@@ -236,7 +317,8 @@ def find_images(
         raise InputError(f"{problems[0]}{more}")
     for problem in problems:
         logger.warning("%s (listed anyway: it will fail on its own, the other images are not affected)", problem)
-    return [{"image": str(image)} for image in images]
+    items = [{"image": str(image), **({"case": case} if case else {})} for image, case in found]
+    return FoundImages(items, ignored)
 
 
 def labelled_cases(
@@ -291,6 +373,36 @@ def split_cases(cases: Sequence[dict], num_val: int) -> tuple[list[dict], list[d
     return list(cases[:-num_val]), list(cases[-num_val:])
 
 
+def training_cases(
+    labelled: Sequence[dict], extra: str | os.PathLike | Sequence[dict] | None = None, labelled_repeat: int = 1
+) -> list[dict]:
+    """A stage's training list: the labelled training cases ``labelled_repeat`` times (over-sampling them against
+    pseudo-labelled ones), then the cases of ``extra``: a datalist (``[{"image": ..., "label": ...}]``, e.g. the
+    ``kept.json`` of ``flare-c2f pseudo_label``) or a JSON file holding one. Validation stays labelled-only.
+
+    Each extra case's image and label must exist with one shape. A repeated case is cached once per repeat by a
+    ``CacheDataset`` (memory grows with ``labelled_repeat``)."""
+    repeat = int(labelled_repeat)
+    if repeat < 1:
+        raise InputError(f"labelled_repeat must be at least 1, got {labelled_repeat}")
+    if extra is None or (isinstance(extra, str) and not extra):
+        return list(labelled) * repeat
+    if isinstance(extra, (str, os.PathLike)):
+        try:
+            extra = json.loads(Path(extra).read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"{extra}: extra_datalist is not a readable JSON datalist ({error})") from None
+    cases = []
+    for case in extra:
+        if not isinstance(case, dict) or "image" not in case or "label" not in case:
+            raise InputError(f"extra_datalist: each case needs an image and a label, got {case!r}")
+        image_shape, label_shape = check_volume(case["image"]), check_volume(case["label"], "label map")
+        if image_shape != label_shape:
+            raise InputError(f"{case['label']}: label map shape {label_shape} differs from its image's {image_shape}")
+        cases.append({"image": str(case["image"]), "label": str(case["label"])})
+    return list(labelled) * repeat + cases
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -327,7 +439,8 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) or ".tmp"  # keep .nii.gz so writers pick the format
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # a temporary name must fit the file system's 255-byte limit too, however long the final name is
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:160]}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a new file's usual permissions
     try:
@@ -350,14 +463,26 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
 
 
 def save_label_map(
-    labels: np.ndarray, reference: str | os.PathLike | Geometry, output_dir: str | os.PathLike
+    labels: np.ndarray,
+    reference: str | os.PathLike | Geometry,
+    output_dir: str | os.PathLike,
+    name: str | None = None,
 ) -> Path:
-    """Write ``labels`` as ``output_dir/<case>.nii.gz`` (uint8) with exactly the reference image's geometry.
+    """Write ``labels`` as ``output_dir/<case>.nii.gz`` (uint8) with exactly the reference image's geometry
+    (:func:`label_map_image`)."""
+    out = label_map_image(labels, reference)
+    source = reference.source if isinstance(reference, Geometry) else reference
+    return write_nifti_atomic(out, Path(output_dir) / f"{name or case_name(source)}.nii.gz")
+
+
+def label_map_image(labels: np.ndarray, reference: str | os.PathLike | Geometry) -> nib.Nifti1Image:
+    """``labels`` as a uint8 NIfTI image with exactly the reference image's geometry.
 
     ``reference``: the image the labels belong to (a NIfTI file or a DICOM series folder) or its
-    :class:`Geometry`. ``labels`` must have the reference's 3D shape. For a NIfTI reference the header
-    (qform/sform and their codes) is the reference's; for a DICOM series the affine is the series' (as
-    :func:`image_geometry` and MONAI's ``PydicomReader`` give it) in both qform and sform, code 1 (scanner).
+    :class:`Geometry`. ``labels`` must have the reference's 3D shape. The header's qform and sform
+    (:func:`_set_forms`): the reference's affine exactly in the sform, and in the qform too unless a qform cannot
+    hold it (a sheared affine, e.g. a gantry-tilted series), in which case the qform code is 0 so that no reader
+    places the labels by an approximation.
     """
     geometry = reference if isinstance(reference, Geometry) else image_geometry(reference)
     shape = geometry.shape
@@ -372,16 +497,79 @@ def save_label_map(
     out = nib.Nifti1Image(np.rint(labels).astype(np.uint8), geometry.affine, header)
     out.set_data_dtype(np.uint8)
     out.header.set_slope_inter(1, 0)
-    if reference_header is not None:
-        qform, qcode = reference_header.get_qform(coded=True)
-        sform, scode = reference_header.get_sform(coded=True)
-        out.set_qform(geometry.affine if qform is None else qform, int(qcode) if qform is not None else 1)
-        out.set_sform(geometry.affine if sform is None else sform, int(scode) if sform is not None else 1)
-    else:
-        out.set_qform(geometry.affine, 1)
-        out.set_sform(geometry.affine, 1)
+    _set_forms(out.header, geometry.affine, reference_header)
+    if reference_header is None:
         out.header.set_xyzt_units("mm")
-    return write_nifti_atomic(out, Path(output_dir) / f"{case_name(geometry.source)}.nii.gz")
+    return out
+
+
+def qform_holds(affine: np.ndarray, atol_mm: float = 1e-3) -> bool:
+    """Whether a NIfTI qform (rotation, voxel sizes, offset: no shear) can hold ``affine`` within ``atol_mm``."""
+    header = nib.Nifti1Header()
+    header.set_qform(affine, code=1)
+    return bool(np.allclose(header.get_qform(), affine, atol=atol_mm, rtol=0))
+
+
+def _set_forms(header: nib.Nifti1Header, affine: np.ndarray, reference: nib.Nifti1Header | None) -> None:
+    """sform = ``affine`` exactly; qform = ``affine`` too when it can hold it (then the two agree), else code 0.
+
+    Codes: the reference's where they mean something (non-zero); a form the reference left at code 0 stays 0
+    unless neither form had a code; a DICOM series (no reference header) is in scanner coordinates (code 1).
+    """
+    qcode = int(reference["qform_code"]) if reference is not None else 1
+    scode = int(reference["sform_code"]) if reference is not None else 1
+    if not qform_holds(affine):
+        qcode = 0
+        scode = scode or 1  # the exact geometry must be somewhere: the sform
+    header.set_sform(affine, code=scode)
+    if reference is not None and np.array_equal(reference.get_qform(), affine):
+        header["qform_code"] = qcode  # the reference's quaternion as it is: re-encoding it could move a bit
+    else:
+        header.set_qform(affine, code=qcode, strip_shears=True)
+
+
+def finished_output(output: str | os.PathLike, geometry: Geometry) -> str | None:
+    """``None`` if ``output`` is a finished label map of the image with ``geometry`` (it reads back whole as a
+    label map with the image's shape and affine), else why not."""
+    output = Path(output)
+    try:
+        written = nib.load(str(output))
+        shape = tuple(int(s) for s in written.shape)
+        if shape != tuple(geometry.shape):
+            return f"its shape {shape} is not the image's {tuple(geometry.shape)}"
+        if not np.allclose(written.affine, geometry.affine, atol=1e-3, rtol=0):
+            return "its affine is not the image's"
+        if written.get_data_dtype().kind not in "ui":
+            return f"it holds {written.get_data_dtype()} values, not labels"
+        data = np.asarray(written.dataobj)  # reads every byte: a truncated file fails here
+    except Exception as error:  # nibabel raises several types for broken files
+        return f"it cannot be read whole ({type(error).__name__}: {error})"
+    if data.size and (data.min() < 0 or data.max() >= 256):
+        return "its values are not labels"
+    return None
+
+
+def outputs_apart_from_inputs(images: Sequence[tuple[str | os.PathLike, str]], output_dir: str | os.PathLike) -> None:
+    """Refuse, before any case runs, an output folder whose outputs would overwrite an input or be listed as
+    inputs on the next run: the folder of an input image (or inside a DICOM series folder), or an output path
+    (``output_dir/<case>.nii.gz``, links followed) that is an input. ``images``: (image path, case name) pairs."""
+    out = os.path.realpath(output_dir)
+    inputs = {os.path.realpath(image): image for image, _ in images}
+    for image, case in images:
+        output = Path(output_dir) / f"{case}.nii.gz"
+        if os.path.realpath(output) in inputs:
+            raise InputError(
+                f"{output}: this output would overwrite the input {inputs[os.path.realpath(output)]}; "
+                "choose an output folder apart from the inputs"
+            )
+        real = os.path.realpath(image)
+        parent = os.path.dirname(real)
+        inside_series = os.path.isdir(real) and (out == real or out.startswith(real + os.sep))
+        if out == parent or inside_series:
+            raise InputError(
+                f"{output_dir}: the output folder holds the input {image}: its label maps would be taken for images "
+                "on the next run (or overwrite them); choose an output folder apart from the inputs"
+            )
 
 
 class SaveLabelMapd:
@@ -435,6 +623,8 @@ def image_geometry(path: str | os.PathLike, what: str = "image") -> Geometry:
     except Exception as error:  # nibabel raises several types for files it cannot parse
         raise InputError(f"{path}: not a readable NIfTI {what} ({error})") from None
     shape = _check_shape(path, shape, what)
+    if nifti.get_data_dtype().fields is not None:  # RGB24 / RGBA32: one record of channels per voxel
+        raise InputError(f"{path}: a colour (RGB) {what}, not a CT: a CT holds one intensity per voxel")
     _check_size(path, nifti, shape, what)
     # NIfTI-2 and friends: keep the geometry, write a fresh NIfTI-1 header
     header = nifti.header if type(nifti.header) is nib.Nifti1Header else nib.Nifti1Header()
@@ -442,12 +632,30 @@ def image_geometry(path: str | os.PathLike, what: str = "image") -> Geometry:
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
-    """A DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
+    """A DICOM file, by content: ``DICM`` after the 128-byte preamble (Part 10), or, as some exporters write it
+    without the preamble, a data set that starts with a tag of group 0002 (file meta) or 0008 (identification)."""
     try:
         with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
+            head = handle.read(132)
     except OSError:
         return False
+    if head[128:132] == b"DICM":
+        return True
+    if head[:4] == b"DICM":  # the prefix without the preamble
+        return True
+    return _starts_like_a_dataset(head)
+
+
+def _starts_like_a_dataset(head: bytes) -> bool:
+    if len(head) < 8:
+        return False
+    group, element = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
+    if group not in (0x0002, 0x0008) or element > 0x0100:
+        return False
+    vr = head[4:6]
+    if vr.isalpha() and vr.isupper():  # explicit VR little endian
+        return True
+    return int.from_bytes(head[4:8], "little") < 1024  # implicit VR: a short first element's length
 
 
 def is_dicom_series(folder: str | os.PathLike) -> bool:
@@ -502,12 +710,14 @@ class _DicomSeries:
 
         def sop_class(dataset):
             meta = getattr(dataset, "file_meta", None)
-            return str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+            found = meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""
+            return str(found or dataset.get("SOPClassUID", ""))
 
         slices, others = [], []
         for path in sorted(p for p in folder.iterdir() if p.is_file() and is_dicom_file(p)):
-            try:
-                dataset = pydicom.dcmread(str(path), stop_before_pixels=not pixels)
+            try:  # force: files without the 128-byte preamble are DICOM too (is_dicom_file checked the content)
+                dataset = pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=True)
+                _complete_file_meta(dataset)
             except Exception as error:
                 raise InputError(f"{path}: not a readable DICOM file ({error})") from None
             if "Rows" in dataset and "Columns" in dataset:
@@ -607,6 +817,24 @@ class _DicomSeries:
         return series
 
 
+def _complete_file_meta(dataset) -> None:
+    """A data set read without file meta (no preamble, no group 0002) gets the transfer syntax it was read with,
+    which is what pydicom needs to decode its pixels."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(dataset, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(dataset, "original_encoding", (True, True))
+    if meta is None:
+        dataset.file_meta = meta = FileMetaDataset()
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
 def _instance_number(dataset) -> float | None:
     try:
         return float(dataset.get("InstanceNumber"))
@@ -632,7 +860,7 @@ def _dicom_voxels(slices, shape) -> np.ndarray:
 def _load_nifti(path: Path):
     """``nib.load``, but a gzipped NIfTI-1 is inflated with ISA-L (``isal``), about twice as fast as zlib: on a
     512x512x300 CT the read is a visible part of the cascade's time."""
-    if path.name.endswith(".gz"):
+    if path.name.lower().endswith(".gz"):
         try:
             from isal import igzip
         except ImportError:  # pragma: no cover - isal is a dependency; zlib still works
@@ -653,7 +881,9 @@ def _read_voxels(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         nifti = _load_nifti(path)
         stored = nifti.get_data_dtype()
-        unscaled = nifti.header.get_slope_inter() in ((None, None), (1.0, 0.0))
+        # nibabel moves scl_slope/scl_inter from the header into the data proxy when it loads the file
+        slope, inter = getattr(nifti.dataobj, "slope", 1.0), getattr(nifti.dataobj, "inter", 0.0)
+        unscaled = slope in (None, 1.0) and inter in (None, 0.0)
         if stored.kind in "ui" and stored.itemsize == 1 and unscaled:
             raise InputError(
                 f"{path}: an 8-bit integer image ({stored}) cannot hold Hounsfield units: a label map, not a CT"

@@ -2,7 +2,7 @@
 
 For every checkpoint in ``models/`` (``model.pt``; the refiner's ``model_<organ>.pt``) this runs
 
-- ``monai.bundle ckpt_export`` (TorchScript, traced: ``ResUNetASPP.forward`` is not scriptable) to ``<stem>.ts``;
+- ``monai.bundle ckpt_export`` (TorchScript, scripted as the model zoo does by default) to ``<stem>.ts``;
 - ``monai.bundle onnx_export`` (torch's ONNX exporter; needs ``onnx`` and ``onnxscript``) to ``<stem>.onnx``;
 
 and, with ``check=True``, runs the PyTorch network, the TorchScript module and the ONNX model (onnxruntime) on the
@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+
+from .weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +52,6 @@ def _flat(overrides: Mapping | None, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    network.load_state_dict(state["model"] if isinstance(state, Mapping) and "model" in state else state)
-    return network.eval()
 
 
 def bundle_checkpoints(bundle_dir: str | os.PathLike) -> list[Path]:
@@ -98,8 +94,7 @@ def export_checkpoint(
     if "ts" in formats:
         start = time.perf_counter()
         result["ts"] = str(out_dir / f"{checkpoint.stem}.ts")
-        # check_trace=False: torch.jit.trace would run the network twice more; compare() checks the module instead
-        ckpt_export(filepath=result["ts"], use_trace=True, converter_kwargs={"check_trace": False}, **common)
+        ckpt_export(filepath=result["ts"], **common)
         result["seconds"]["ts_export"] = round(time.perf_counter() - start, 2)
     if "onnx" in formats:
         start = time.perf_counter()
@@ -116,7 +111,7 @@ def export_checkpoint(
 @torch.no_grad()
 def compare(parser, checkpoint, ts_file, onnx_file, input_shape, seed: int = 0) -> dict:
     """Max absolute differences of the exported networks' logits from PyTorch's on one random input."""
-    network = load_weights(parser.get_parsed_content("network_def"), checkpoint)
+    network = load_weights(parser.get_parsed_content("network_def"), checkpoint, Path(checkpoint).stem).eval()
     x = torch.rand(input_shape, generator=torch.Generator().manual_seed(seed))
     reference = network(x)
     found = {"max_abs_logit": float(reference.abs().max())}
@@ -151,4 +146,4 @@ def export_bundle(
     return [export_checkpoint(bundle_dir, c, formats, out_dir, overrides, check, seed) for c in checkpoints]
 
 
-__all__ = ["bundle_checkpoints", "compare", "export_bundle", "export_checkpoint", "load_weights"]
+__all__ = ["bundle_checkpoints", "compare", "export_bundle", "export_checkpoint"]

@@ -94,3 +94,34 @@ def channel_def(labels: tuple[int, ...] | None = None) -> dict[str, str]:
     """Channel meaning of a stage's output: background + ``labels`` (all organs by default)."""
     labels = tuple(ORGANS) if labels is None else tuple(labels)
     return {"0": "background", **{str(i + 1): ORGANS[label] for i, label in enumerate(labels)}}
+
+
+def label_names(labels: tuple[int, ...] | None = None) -> dict[str, str]:
+    """Meaning of the values of a FLARE label map (MONAI ``channel_def`` form, keyed by FLARE id):
+    ``{"0": "background", "1": "liver", ...}`` for ``labels`` (all organs by default)."""
+    labels = tuple(ORGANS) if labels is None else tuple(sorted(labels))
+    return {"0": "background", **{str(label): ORGANS[label] for label in labels}}
+
+
+# SNOMED CT (scheme designator "SCT") code of each organ for DICOM Segmentation objects, as DICOM's CID 7154
+# "Abdominal Segmentation Type" has them: (code value, code meaning, laterality or None). Paired organs are coded
+# as the organ plus a laterality modifier (SegmentedPropertyTypeModifierCodeSequence), as DICOM does.
+SNOMED_CT = MappingProxyType(
+    {
+        1: ("10200004", "Liver", None),
+        2: ("64033007", "Kidney", "right"),
+        3: ("78961009", "Spleen", None),
+        4: ("15776009", "Pancreas", None),
+        5: ("15825003", "Aorta", None),
+        6: ("64131007", "Inferior vena cava", None),
+        7: ("23451007", "Adrenal gland", "right"),
+        8: ("23451007", "Adrenal gland", "left"),
+        9: ("28231008", "Gallbladder", None),
+        10: ("32849002", "Esophagus", None),
+        11: ("69695003", "Stomach", None),
+        12: ("38848004", "Duodenum", None),
+        13: ("64033007", "Kidney", "left"),
+    }
+)
+SNOMED_LATERALITY = MappingProxyType({"right": ("24028007", "Right"), "left": ("7771000", "Left")})
+SNOMED_ANATOMICAL_STRUCTURE = ("91723000", "Anatomical Structure")  # the segments' property category

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -38,8 +39,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .data import case_name, is_nifti, write_text_atomic
+from .data import InputError, case_name, is_nifti, prepare_output_dir, write_text_atomic
 from .labels import NSD_TOLERANCE_MM, ORGANS, SLAB_ORGANS
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "NSD_MIN_DSC",
@@ -50,7 +53,12 @@ __all__ = [
     "evaluate_case",
     "evaluate_folder",
     "format_summary",
+    "unknown_labels",
+    "MissingFolderError",
+    "FAILED_CASES_EXIT_STATUS",
 ]
+
+FAILED_CASES_EXIT_STATUS = 3  # evaluate's exit status when a case could not be scored (as the cascade's)
 
 NSD_MIN_DSC = 0.2  # below this DSC, NSD is 0 (FLARE22)
 DECIMALS = 4  # every DSC and NSD value is rounded to this many decimals (FLARE22)
@@ -150,15 +158,32 @@ def organ_scores(
     return scores
 
 
+class MissingFolderError(InputError, FileNotFoundError):
+    """A prediction or ground-truth folder that does not exist or holds no label map (one line, as every
+    :class:`~flare_c2f_extensions.data.InputError`)."""
+
+
+GRID_TOLERANCE_MM = 0.01  # two affines closer than this everywhere are the same grid (float32 headers differ a bit)
+
+
 def load_label_map(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """Read a NIfTI label map: (integer array, voxel spacing in mm of the first 3 axes, affine).
 
-    Float data are rounded to the nearest integer; values outside 0..255 become background (0).
+    Float data are rounded to the nearest integer; values outside 0..255 become background (0). A file that cannot
+    be read whole, or that is not 3D (a 4D file with one volume counts as 3D), is an
+    :class:`~flare_c2f_extensions.data.InputError` naming it.
     """
     import nibabel as nib
 
-    img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as error:  # nibabel and zlib raise several types for broken files
+        raise InputError(f"{path}: not a readable NIfTI label map ({type(error).__name__}: {error})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path}: a label map must be 3D, this one has shape {data.shape}")
     if not np.issubdtype(data.dtype, np.integer):
         data = np.rint(data)
         data[~((data >= 0) & (data <= 255))] = 0  # also NaN
@@ -167,36 +192,77 @@ def load_label_map(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, fl
     return data, spacing, img.affine
 
 
+def unknown_labels(labels: np.ndarray) -> list[int]:
+    """The values of a label map that are neither background nor a FLARE22 organ id (scored as background)."""
+    odd = labels[(labels < 0) | (labels > max(ORGANS))]
+    return sorted(int(v) for v in np.unique(odd))
+
+
+def _on_gt_grid(pred, pred_affine, gt_shape, gt_affine, pred_path, gt_path) -> np.ndarray:
+    """``pred`` in the ground truth's array layout: as it is, or flipped/permuted when it is the same physical grid
+    stored another way; :class:`InputError` when it is another grid (it would need resampling, not scoring)."""
+    import nibabel as nib
+
+    if pred.shape == tuple(gt_shape) and np.allclose(pred_affine, gt_affine, atol=GRID_TOLERANCE_MM, rtol=0):
+        return pred
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(pred_affine), nib.orientations.io_orientation(gt_affine)
+    )
+    moved_affine = pred_affine @ nib.orientations.inv_ornt_aff(transform, pred.shape)
+    moved_shape = tuple(pred.shape[int(axis)] for axis in np.argsort(transform[:, 0]))
+    identity = np.array_equal(transform, [[0, 1], [1, 1], [2, 1]])
+    if not identity and moved_shape == tuple(gt_shape):
+        if np.allclose(moved_affine, gt_affine, atol=GRID_TOLERANCE_MM, rtol=0):
+            logger.info("%s: reoriented (axis flips/permutations) to the ground truth's layout %s", pred_path, gt_path)
+            return np.ascontiguousarray(nib.orientations.apply_orientation(pred, transform))
+    if identity and pred.shape == tuple(gt_shape):
+        # the same layout and shape, other spacing or origin: scored voxel by voxel, as FLARE22's evaluation does
+        warnings.warn(f"prediction {pred_path} and ground truth {gt_path} have different affines", stacklevel=3)
+        return pred
+    raise InputError(
+        f"prediction {pred_path} has shape {pred.shape} but ground truth {gt_path} has shape {tuple(gt_shape)}, and "
+        "no flip or permutation of its axes puts it on the ground truth's grid: resample it onto that grid first"
+    )
+
+
+def _score_case(pred_path, gt_path, labels) -> tuple[dict[int, tuple[float, float]], dict]:
+    gt, spacing, gt_affine = load_label_map(gt_path)
+    pred, _, pred_affine = load_label_map(pred_path)
+    pred = _on_gt_grid(pred, pred_affine, gt.shape, gt_affine, pred_path, gt_path)
+    notes = {}
+    for role, array, path in (("pred", pred, pred_path), ("gt", gt, gt_path)):
+        unknown = unknown_labels(array)
+        if unknown:
+            notes[f"unknown_{role}_labels"] = unknown
+            logger.warning("%s: label values %s are not FLARE22 organ ids: scored as background", path, unknown)
+    return organ_scores(pred, gt, spacing, labels), notes
+
+
 def evaluate_case(
     pred_path: str | os.PathLike, gt_path: str | os.PathLike, labels: Iterable[int] | None = None
 ) -> dict[int, tuple[float, float]]:
     """FLARE22 (DSC, NSD) per organ for one prediction/ground-truth pair of NIfTI files.
 
-    Spacing comes from the ground truth header. Shapes must match (``ValueError`` naming both files
-    otherwise); a differing affine only warns, since the official evaluation ignores it too.
+    Spacing comes from the ground truth header. A prediction on the ground truth's grid stored in another array
+    layout (axes flipped or permuted, affine adjusted) is reoriented to it; one of the same layout and shape whose
+    affine differs only warns (the official evaluation ignores the affine); any other mismatch is an
+    :class:`~flare_c2f_extensions.data.InputError` (a ``ValueError``) naming both files. Label values that are not
+    organ ids are logged and scored as background.
     """
-    gt, spacing, gt_affine = load_label_map(gt_path)
-    pred, _, pred_affine = load_label_map(pred_path)
-    if pred.shape != gt.shape:
-        raise ValueError(
-            f"prediction {pred_path} has shape {pred.shape} but ground truth {gt_path} has shape {gt.shape}"
-        )
-    if not np.allclose(pred_affine, gt_affine, atol=1e-3):
-        warnings.warn(f"prediction {pred_path} and ground truth {gt_path} have different affines", stacklevel=2)
-    return organ_scores(pred, gt, spacing, labels)
+    return _score_case(pred_path, gt_path, labels)[0]
 
 
 def _nifti_cases(folder: str | os.PathLike, role: str) -> dict[str, Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{role} folder {folder} does not exist")
+        raise MissingFolderError(f"{folder}: {role} folder does not exist")
     cases: dict[str, Path] = {}
     # .nii.gz first, so that it wins over a .nii of the same case
-    for path in sorted(folder.iterdir(), key=lambda p: (not p.name.endswith(".nii.gz"), p.name)):
-        if path.is_file() and is_nifti(path):
+    for path in sorted(folder.iterdir(), key=lambda p: (not p.name.lower().endswith(".nii.gz"), p.name)):
+        if path.is_file() and is_nifti(path) and not path.name.startswith("."):
             cases.setdefault(case_name(path), path)
     if not cases:
-        raise FileNotFoundError(f"{role} folder {folder} holds no .nii.gz / .nii files")
+        raise MissingFolderError(f"{folder}: {role} folder holds no .nii.gz / .nii files")
     return dict(sorted(cases.items()))
 
 
@@ -204,12 +270,15 @@ def evaluate_folder(pred: str, gt: str | Sequence[str], out: str, labels: Iterab
     """Score every ``gt/<case>.nii.gz`` against ``pred/<case>.nii.gz``; write metrics.csv and summary.json.
 
     ``gt`` is a folder of ground-truth label maps or a list of their paths (e.g. a bundle's validation cases);
-    ``labels`` limits the scoring to some organs (e.g. a stage's group; default all 13).
+    ``labels`` limits the scoring to some organs (e.g. a stage's group; default all 13). The folders (``out``:
+    created and writable) are checked before any case is scored.
 
-    A case without a prediction is scored as an empty prediction and listed under ``missing_predictions``.
+    A case without a prediction is scored as an empty prediction and listed under ``missing_predictions``. A case
+    that cannot be scored (unreadable file, another grid) fails alone: its row in metrics.csv is empty with the
+    reason in an ``error`` column, it is listed under ``failed_cases`` and left out of the means.
     ``out/metrics.csv`` has one row per case (``case``, then ``<organ>_DSC``, ``<organ>_NSD`` for the 13
-    organs); ``out/summary.json`` the per-organ means over cases, the 13-organ means, the number of cases and
-    the missing cases. Both files are written atomically. Returns the summary.
+    organs); ``out/summary.json`` the per-organ means over the scored cases, the 13-organ means, the number of
+    scored cases, the missing, failed and unknown-label cases. Both files are written atomically. Returns the summary.
     """
     scored = tuple(ORGANS) if labels is None else tuple(int(label) for label in labels)
     if isinstance(gt, (str, os.PathLike)):
@@ -217,32 +286,45 @@ def evaluate_folder(pred: str, gt: str | Sequence[str], out: str, labels: Iterab
     else:
         gt_cases = {case_name(path): Path(path) for path in gt}
         if not gt_cases:
-            raise FileNotFoundError("no ground-truth label maps given")
+            raise MissingFolderError("no ground-truth label maps given")
     pred_cases = _nifti_cases(pred, "prediction")
+    prepare_output_dir(out, "evaluation output")
     missing = [case for case in gt_cases if case not in pred_cases]
     extra = [case for case in pred_cases if case not in gt_cases]
 
     rows: dict[str, dict[int, tuple[float, float]]] = {}
+    failed: dict[str, str] = {}
+    unknown: dict[str, dict] = {}
     for case in _progress(gt_cases, desc="evaluate"):
-        if case in pred_cases:
-            rows[case] = evaluate_case(pred_cases[case], gt_cases[case], scored)
-        else:
-            gt_map, spacing, _ = load_label_map(gt_cases[case])
-            rows[case] = organ_scores(np.zeros_like(gt_map), gt_map, spacing, scored)
+        try:
+            if case in pred_cases:
+                rows[case], notes = _score_case(pred_cases[case], gt_cases[case], scored)
+                if notes:
+                    unknown[case] = notes
+            else:
+                gt_map, spacing, _ = load_label_map(gt_cases[case])
+                rows[case] = organ_scores(np.zeros_like(gt_map), gt_map, spacing, scored)
+        except (InputError, ValueError, TypeError, OSError) as error:
+            failed[case] = str(error)
+            logger.error("failed: %s: %s", case, error)
 
     header = ["case"] + [f"{ORGANS[label]}_{kind}" for label in scored for kind in ("DSC", "NSD")]
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(header)
-    for case, scores in rows.items():
-        writer.writerow([case] + [f"{value:.{DECIMALS}f}" for label in scored for value in scores[label]])
+    writer.writerow(header + (["error"] if failed else []))
+    for case in gt_cases:
+        if case in failed:
+            writer.writerow([case] + [""] * (len(header) - 1) + [failed[case]])
+        else:
+            scores = rows[case]
+            writer.writerow([case] + [f"{value:.{DECIMALS}f}" for label in scored for value in scores[label]])
 
     organs = {}
     for label in scored:
         name = ORGANS[label]
         organs[name] = {
-            "DSC": float(np.mean([scores[label][0] for scores in rows.values()])),
-            "NSD": float(np.mean([scores[label][1] for scores in rows.values()])),
+            "DSC": float(np.mean([scores[label][0] for scores in rows.values()])) if rows else float("nan"),
+            "NSD": float(np.mean([scores[label][1] for scores in rows.values()])) if rows else float("nan"),
         }
     summary = {
         "num_cases": len(rows),
@@ -251,11 +333,12 @@ def evaluate_folder(pred: str, gt: str | Sequence[str], out: str, labels: Iterab
         "organs": organs,
         "missing_predictions": missing,
         "unmatched_predictions": extra,
+        "failed_cases": failed,
+        "unknown_labels": unknown,
         "pred_dir": str(pred),
         "gt": str(gt) if isinstance(gt, (str, os.PathLike)) else sorted(str(p) for p in gt_cases.values()),
     }
 
-    os.makedirs(out, exist_ok=True)
     write_text_atomic(table.getvalue(), Path(out) / "metrics.csv")
     write_text_atomic(json.dumps(summary, indent=4) + "\n", Path(out) / "summary.json")
     return summary
@@ -291,4 +374,8 @@ def format_summary(summary: dict) -> str:
     mean = f"mean ({len(summary['organs'])} organs)"
     lines.append(f"{mean:<22}{summary['mean_DSC']:>8.4f}{summary['mean_NSD']:>8.4f}")
     lines.append(f"{summary['num_cases']} case(s); missing predictions: {len(summary['missing_predictions'])}")
+    for case, error in summary.get("failed_cases", {}).items():
+        lines.append(f"failed: {case}: {error}")
+    for case, notes in summary.get("unknown_labels", {}).items():
+        lines.append(f"unknown label values in {case}: {notes}")
     return "\n".join(lines)

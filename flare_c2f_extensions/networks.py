@@ -52,6 +52,7 @@ class ResUNetASPP(nn.Module):
         if blocks_per_level < 1:
             raise ValueError(f"blocks_per_level must be >= 1, got {blocks_per_level}")
         self.num_levels = len(channels) - 1
+        self.size_multiple = 2**self.num_levels  # an int attribute: TorchScript computes int ** int as a float
         self.spatial_dims = spatial_dims
 
         def res_blocks(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -87,10 +88,14 @@ class ResUNetASPP(nn.Module):
         self.apply(_he_normal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factor = 2**self.num_levels
-        if any(s % factor for s in x.shape[2:]):
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {factor} ({self.num_levels} down-sampling levels)")
-        skips = []
+        factor = self.size_multiple
+        for size in x.shape[2:]:
+            if size % factor != 0:  # written without f-strings or generators so that torch.jit.script compiles it
+                raise ValueError(
+                    "spatial size " + str(list(x.shape[2:])) + " must be divisible by " + str(factor)
+                    + " (" + str(self.num_levels) + " down-sampling levels)"
+                )
+        skips: list[torch.Tensor] = []
         for level in self.encoder:
             x = level(x)
             skips.append(x)

@@ -58,8 +58,13 @@ from .labels import GROUPS, NUM_ORGANS, ORGANS, organ_id
 
 __all__ = ["Case", "make_case", "write_cohort", "organ_centroids", "SPLITS"]
 
-# Split name -> (images folder, labels folder, file prefix, seed domain).
-SPLITS = {"Tr": ("imagesTr", "labelsTr", "FLARE22_Tr", 1), "Ts": ("imagesTs", "labelsTs", "FLARE22_Ts", 2)}
+# Split name -> (images folder, labels folder, file prefix, seed domain). The unlabelled part's labels are its
+# kept-aside truth, for scoring pseudo-labels only: a folder of its own that no training or inference reads.
+SPLITS = {
+    "Tr": ("imagesTr", "labelsTr", "FLARE22_Tr", 1),
+    "Ts": ("imagesTs", "labelsTs", "FLARE22_Ts", 2),
+    "Unlabelled": ("imagesUnlabelled", "truthUnlabelled", "FLARE22_Unlabelled", 3),
+}
 
 _SMALL = frozenset(GROUPS["small"])
 _AIR = -1000.0
@@ -865,18 +870,22 @@ def write_cohort(
     fov=None,
     start=1,
     verbose=False,
+    n_unlabelled=0,
 ) -> dict:
     """Write a synthetic cohort in the FLARE22 layout and return the written paths.
 
     ``out/imagesTr/FLARE22_Tr_0001_0000.nii.gz`` + ``out/labelsTr/FLARE22_Tr_0001.nii.gz`` for cases
     ``start .. start + n - 1``, and ``imagesTs`` / ``labelsTs`` (``FLARE22_Ts_*``) for ``n_test`` held-out
-    cases. Case ``i`` of a split depends only on ``(seed, split, i)`` (and the options), never on ``n``;
-    training and held-out cases use different seeds. Orientations cycle over ``orientations`` by case
+    cases. ``n_unlabelled`` cases form FLARE22's unlabelled part: images only in ``imagesUnlabelled``
+    (``FLARE22_Unlabelled_0001_0000.nii.gz``), their truth kept aside in ``truthUnlabelled`` for scoring
+    pseudo-labels, never for training. Case ``i`` of a split depends only on ``(seed, split, i)`` (and the
+    options), never on ``n``; the splits use different seeds. Orientations cycle over ``orientations`` by case
     number (a single code or ``"RAS,LPS"`` also work). Images are int16, labels uint8, both with the same
     affine in qform and sform (code 1); files are written to a temporary name and renamed into place.
     Other options go to :func:`make_case`.
 
-    Returns ``{"imagesTr": [...], "labelsTr": [...], "imagesTs": [...], "labelsTs": [...]}`` (str paths).
+    Returns ``{"imagesTr": [...], "labelsTr": [...], "imagesTs": [...], "labelsTs": [...], "imagesUnlabelled": [...],
+    "truthUnlabelled": [...]}`` (str paths).
     """
     out = Path(out)
     if isinstance(orientations, str):
@@ -885,8 +894,8 @@ def write_cohort(
     if not orientations:
         raise ValueError("orientations is empty")
     shape = _as_triple(shape, int, "shape")
-    result = {"imagesTr": [], "labelsTr": [], "imagesTs": [], "labelsTs": []}
-    for split, count in (("Tr", int(n)), ("Ts", int(n_test))):
+    result = {folder: [] for images_dir, labels_dir, _, _ in SPLITS.values() for folder in (images_dir, labels_dir)}
+    for split, count in (("Tr", int(n)), ("Ts", int(n_test)), ("Unlabelled", int(n_unlabelled))):
         if count <= 0:
             continue
         images_dir, labels_dir, prefix, _ = SPLITS[split]

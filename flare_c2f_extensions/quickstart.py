@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cascade import BUNDLES_DIR, STAGE_BUNDLES
+from .paths import BUNDLES_DIR, STAGE_BUNDLES
 from .labels import GROUPS, ORGANS
 
 __all__ = ["QUICK_STAGES", "QUICK_NETWORK", "QUICK_TRAINING", "LOG_DIR", "quickstart", "train_stages", "run_bundle", "logs_to_file"]

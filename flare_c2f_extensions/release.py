@@ -12,7 +12,10 @@ Weights (everything in ``models/``) go either inside the zip (``weights="inside"
 
 ``verify_release`` checks a zip before anything is extracted: its sha256 (given, or from the sidecar), that it is a
 readable zip whose every entry passes its CRC, that every entry lies inside ``<name>/`` (no absolute paths, no
-``..``, no symbolic links, no duplicates), and that the metadata's version is the one in the file name.
+``..``, no symbolic links, no duplicates, no two names that differ only in case, which collide on case-insensitive file
+systems), that it inflates to at most :data:`MAX_INFLATE_RATIO` times its size and at most :data:`MAX_INFLATED_BYTES`
+(checked from the entries' declared sizes, which extraction cannot exceed, before anything is inflated), and that
+the metadata's version is the one in the file name.
 ``download_release`` downloads, verifies, fetches the large files (hash-checked) and only then moves the bundle into
 place, so a failed or tampered download leaves nothing behind.
 """
@@ -27,18 +30,19 @@ import re
 import shutil
 import stat
 import tempfile
+import unicodedata
 import urllib.request
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
-from .cascade import BUNDLES_DIR
+from .paths import BUNDLES_DIR
 
 logger = logging.getLogger(__name__)
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
 FILE_MODE = 0o644
-EXCLUDED_TOP_DIRS = {"eval", "runs", "mlruns"}  # outputs written inside a bundle by its configs
+EXCLUDED_TOP_DIRS = {"eval", "runs", "mlruns", "logs", "train_state"}  # outputs written inside a bundle by its configs and by `train`
 EXCLUDED_DIRS = {"__pycache__"}
 EXCLUDED_SUFFIXES = {".pyc", ".pyo", ".zip", ".sha256", ".tmp", ".swp"}
 WEIGHTS_DIR = "models"
@@ -46,6 +50,10 @@ LARGE_FILES = "large_files.yml"
 _VERSION = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
 _RELEASE_NAME = re.compile(r"^(?P<name>.+)_v(?P<version>\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?)\.zip$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# A release inflates to at most MAX_INFLATE_RATIO times its zip's size and never beyond MAX_INFLATED_BYTES: weights
+# hardly compress (about 1.1:1) and configs about 5:1, while a zip bomb claims hundreds or thousands to one.
+MAX_INFLATE_RATIO = 50
+MAX_INFLATED_BYTES = 8 << 30
 
 
 class ReleaseError(ValueError):
@@ -283,6 +291,16 @@ def _check_large_files(text: str, zip_path: Path, name: str) -> list[dict]:
     return entries
 
 
+def _check_inflated_size(infos: Sequence[zipfile.ZipInfo], zip_path: Path) -> None:
+    inflated = sum(info.file_size for info in infos)
+    limit = min(MAX_INFLATE_RATIO * zip_path.stat().st_size, MAX_INFLATED_BYTES)
+    if inflated > limit:
+        raise ReleaseError(
+            f"{zip_path}: refused: it would inflate to {inflated} bytes, over its limit of {limit} "
+            f"({MAX_INFLATE_RATIO} times the zip's size, at most {MAX_INFLATED_BYTES} bytes): a zip bomb?"
+        )
+
+
 def verify_release(
     zip: str | os.PathLike,
     sha256: str | None = None,
@@ -328,12 +346,20 @@ def verify_release(
         if not infos:
             raise ReleaseError(f"{zip_path}: refused: the zip is empty")
         seen = set()
+        folded: dict[str, str] = {}
         for info in infos:
             _check_entry(info.filename, info, name, zip_path)
             key = info.filename.rstrip("/")
             if key in seen:
                 raise ReleaseError(f"{zip_path}: refused: entry {info.filename!r} appears twice")
             seen.add(key)
+            other = folded.setdefault(unicodedata.normalize("NFC", key).casefold(), key)
+            if other != key:
+                raise ReleaseError(
+                    f"{zip_path}: refused: entries {other!r} and {key!r} differ only in case (they would overwrite "
+                    "each other on a case-insensitive file system)"
+                )
+        _check_inflated_size(infos, zip_path)
         try:
             bad = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as error:
@@ -378,7 +404,10 @@ def download_release(
     hash-check its large files, then move ``<name>/`` into ``bundle_dir``. Nothing is left behind on failure;
     an existing ``bundle_dir/<name>`` is never overwritten. Returns the bundle's path."""
     bundle_dir = Path(bundle_dir)
-    bundle_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a regular file in its place or above it, no permission, ...
+        raise ReleaseError(f"{bundle_dir}: bundle folder cannot be created ({error.strerror or error})") from None
     file_name = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
     if not file_name.endswith(".zip"):
         raise ReleaseError(f"{url}: expected a URL ending in <name>_v<version>.zip")

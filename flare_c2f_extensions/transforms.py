@@ -869,6 +869,30 @@ def keep_largest_component(
     return out
 
 
+def dropped_components(before: np.ndarray, after: np.ndarray, connectivity: int = 26) -> dict[int, dict[str, int]]:
+    """What :func:`keep_largest_component` removed from ``before`` to give ``after``, per label:
+    ``{label: {"components": k, "voxels": n}}`` for each label that lost voxels.
+
+    The removed components of one label were apart in ``before`` (else they would have been one), so the
+    connected components of the removed voxels are exactly the dropped components.
+    """
+    before, after = np.asarray(before), np.asarray(after)
+    removed = np.where(before != after, before, 0)
+    tight = _profile_box(removed != 0)
+    if tight is None:
+        return {}
+    sub = np.ascontiguousarray(removed[box_slices(tight)])
+    cc, n = cc3d.connected_components(sub, connectivity=connectivity, return_N=True)
+    label_of = np.zeros(n + 1, dtype=np.int64)
+    label_of[cc.ravel()] = sub.ravel()
+    components = np.bincount(label_of[1:], minlength=int(sub.max()) + 1)
+    voxels = np.bincount(sub.ravel().astype(np.int64), minlength=int(sub.max()) + 1)
+    return {
+        int(label): {"components": int(components[label]), "voxels": int(voxels[label])}
+        for label in np.flatnonzero(voxels[1:]) + 1
+    }
+
+
 class KeepLargestComponent(Transform):
     """Keep the largest connected component of each label (26-connectivity by default, cc3d).
 

@@ -78,8 +78,7 @@ def test_monai_command_lines_export_the_coarse_network(bundles, tmp_path):
         "--input_shape", "[1, 1, 32, 32, 32]", "--network_def#channels", json.dumps(TINY_CHANNELS),
     ]
     ts, onnx_file = tmp_path / "model.ts", tmp_path / "model.onnx"
-    trace = ["--use_trace", "True", "--converter_kwargs", "{'check_trace': False}"]
-    for command, path, extra in (("ckpt_export", ts, trace), ("onnx_export", onnx_file, [])):
+    for command, path, extra in (("ckpt_export", ts, []), ("onnx_export", onnx_file, [])):  # scripted, no --use_trace
         done = subprocess.run(
             [sys.executable, "-m", "monai.bundle", command, "network_def", "--filepath", str(path), *common, *extra],
             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -95,6 +94,29 @@ def test_monai_command_lines_export_the_coarse_network(bundles, tmp_path):
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     output = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert (torch.from_numpy(output) - reference).abs().max() <= ONNX_TOLERANCE
+
+
+@pytest.mark.parametrize("bundle", list(STAGES.values()))
+def test_plain_ckpt_export_scripts_every_stage(bundle, bundles, tmp_path):
+    """``monai.bundle ckpt_export`` in its default mode (``torch.jit.script``, as the model zoo's CI runs it)."""
+    from monai.bundle import ckpt_export
+
+    root = bundles / bundle
+    path = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def", filepath=str(path), ckpt_file=str(_checkpoint(bundles, bundle)),
+        meta_file=str(root / "configs" / "metadata.json"), config_file=str(root / "configs" / "inference.json"),
+        bundle_root=str(root), input_shape=[1, 1, *TINY_SIZE], **{"network_def#channels": TINY_CHANNELS},
+    )
+    module = torch.jit.load(str(path))
+    assert isinstance(module, torch.jit.ScriptModule)
+    network = _network(bundle, TINY)
+    network.load_state_dict(torch.load(_checkpoint(bundles, bundle), weights_only=True))
+    x = torch.rand(1, 1, 48, 32, 64, generator=torch.Generator().manual_seed(2))  # scripted: any divisible grid
+    with torch.no_grad():
+        assert (module(x) - network.eval()(x)).abs().max() <= TS_TOLERANCE
+    with pytest.raises(torch.jit.Error, match="must be divisible by 16"):
+        module(torch.rand(1, 1, 30, 32, 32))
 
 
 def test_torchscript_module_carries_metadata_and_loads_with_monai(bundles, tmp_path):

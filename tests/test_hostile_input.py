@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLES
-from flare_c2f_extensions.cascade import CascadeRunner
+from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner
 from flare_c2f_extensions.data import InputError, find_images
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.phantom import make_case
@@ -431,7 +431,8 @@ def _cli(dataset_dir: Path, output_dir: Path) -> subprocess.CompletedProcess:
 
 def test_cli_batch_with_hostile_cases(good, tmp_path):
     """The bundle's command on a folder of good, DICOM and hostile inputs: the bad ones fail alone, the rest is
-    written, the command succeeds, and efficiency.json says which failed and why."""
+    written, efficiency.json says which failed and why, and the command ends with the failed-cases exit status
+    (issue 14: it was 0, which told a script that all went well)."""
     _, image, affine = good
     folder = tmp_path / "imagesTs"
     folder.mkdir()
@@ -446,7 +447,7 @@ def test_cli_batch_with_hostile_cases(good, tmp_path):
     save((image > 0).astype(np.uint8), affine, folder / "label_0000.nii.gz", np.uint8)
     out = tmp_path / "out"
     result = _cli(tmp_path, out)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == FAILED_CASES_EXIT_STATUS, result.stderr[-3000:]
     report = json.loads((out / "efficiency.json").read_text())
     statuses = {case["case"]: case["status"] for case in report["cases"]}
     assert statuses == {

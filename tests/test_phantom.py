@@ -241,6 +241,8 @@ def test_cli(tmp_path):
         "32,32,16",
         "--n_test",
         "1",
+        "--n_unlabelled",
+        "1",
     ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [
@@ -248,4 +250,37 @@ def test_cli(tmp_path):
         "FLARE22_Tr_0002_0000.nii.gz",
     ]
     assert sorted(p.name for p in (out / "labelsTs").iterdir()) == ["FLARE22_Ts_0001.nii.gz"]
+    assert sorted(p.name for p in (out / "imagesUnlabelled").iterdir()) == ["FLARE22_Unlabelled_0001_0000.nii.gz"]
+    assert sorted(p.name for p in (out / "truthUnlabelled").iterdir()) == ["FLARE22_Unlabelled_0001.nii.gz"]
     assert nib.load(out / "imagesTr" / "FLARE22_Tr_0001_0000.nii.gz").shape == (32, 32, 16)
+
+
+def test_unlabelled_part_keeps_its_truth_aside(tmp_path):
+    from flare_c2f_extensions.data import find_images, labelled_cases
+
+    out = tmp_path / "cohort"
+    paths = write_cohort(out, n=1, n_unlabelled=2, seed=3, shape=(32, 32, 20))
+    names = [os.path.basename(p) for p in paths["imagesUnlabelled"]]
+    assert names == ["FLARE22_Unlabelled_0001_0000.nii.gz", "FLARE22_Unlabelled_0002_0000.nii.gz"]
+    assert [os.path.basename(p) for p in paths["truthUnlabelled"]] == [
+        "FLARE22_Unlabelled_0001.nii.gz",
+        "FLARE22_Unlabelled_0002.nii.gz",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["imagesTr", "imagesUnlabelled", "labelsTr", "truthUnlabelled"]
+    # the labelled cases and the images to segment are found as before; the truth is in no folder they read
+    assert [c["label"] for c in labelled_cases(out)] == paths["labelsTr"]
+    assert [c["image"] for c in find_images(out, "imagesUnlabelled")] == paths["imagesUnlabelled"]
+    for image_path, truth_path in zip(paths["imagesUnlabelled"], paths["truthUnlabelled"]):
+        image, truth = nib.load(image_path), nib.load(truth_path)
+        assert image.shape == truth.shape == (32, 32, 20)
+        np.testing.assert_allclose(image.affine, truth.affine)
+        assert set(np.unique(np.asarray(truth.dataobj))) - {0} == set(ORGANS)
+    # unlabelled cases are drawn from their own seeds: none repeats a training case
+    unlabelled = np.asarray(nib.load(paths["imagesUnlabelled"][0]).dataobj)
+    assert not np.array_equal(unlabelled, np.asarray(nib.load(paths["imagesTr"][0]).dataobj))
+    # adding an unlabelled part changes nothing in the labelled one
+    plain = write_cohort(tmp_path / "plain", n=1, seed=3, shape=(32, 32, 20))
+    assert not plain["imagesUnlabelled"]
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(plain["imagesTr"][0]).dataobj), np.asarray(nib.load(paths["imagesTr"][0]).dataobj)
+    )

@@ -68,6 +68,9 @@ def source(tmp_path_factory):
     (clutter / "configs" / "__pycache__").mkdir()
     (clutter / "configs" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"x")
     (clutter / ".DS_Store").write_bytes(b"x")
+    for folder in ("logs", "train_state"):  # what `flare-c2f train` leaves in a bundle
+        (clutter / folder).mkdir()
+        (clutter / folder / "train_coarse.log").write_text("x")
     return root
 
 
@@ -132,7 +135,8 @@ def test_zip_layout(released):
         assert all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in infos)
         assert all((i.external_attr >> 16) & 0o7777 == 0o644 for i in infos)
         assert f"{bundle}/configs/metadata.json" in names and f"{bundle}/LICENSE" in names
-        assert not any("/eval/" in n or "__pycache__" in n or "/." in n for n in names), names
+        assert not any(f"/{d}/" in n for d in ("eval", "logs", "train_state", "__pycache__") for n in names), names
+        assert not any("/." in n for n in names), names
     refiner = {n for n in zipfile.ZipFile(items["flare22_small_refiner"]["zip"]).namelist() if "/models/" in n}
     assert refiner == {f"flare22_small_refiner/models/model_{o}.pt" for o in ORGANS}
 

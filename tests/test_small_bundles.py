@@ -168,7 +168,9 @@ def test_refiner_organ_key_chooses_labels_box_and_checkpoint(organ):
         assert parser.get_parsed_content("ckpt_path").endswith(f"/models/model_{organ}.pt")
     # the checkpoint's one name: saved by train.json, loaded by the evaluate overlay and by inference.json
     train = _load(REFINER, "train.json")
-    saver = next(h for h in train["validate"]["handlers"] if h["_target_"] == "CheckpointSaver")
+    assert "@validate#best_model_saver" in train["validate"]["handlers"]
+    saver = train["validate"]["best_model_saver"]
+    assert saver["_target_"] == "flare_c2f_extensions.checkpoints.AtomicCheckpointSaver"
     assert "@ckpt_path" in saver["save_dir"] and "@ckpt_path" in saver["key_metric_filename"]
     evaluate = _load(REFINER, "evaluate.json")
     loader = next(h for h in evaluate["validate#handlers"] if h["_target_"] == "CheckpointLoader")

@@ -1,0 +1,543 @@
+"""From a CT to organs in one call: the cascade (:class:`~flare_c2f_extensions.cascade.Cascade`) behind the
+``flare-c2f segment`` command and the Python API :func:`segment`.
+
+Where the stages come from: the bundles folder (:mod:`flare_c2f_extensions.paths`), or ``bundles_dir`` (a folder of
+trained stage bundles), or ``stage_dirs`` (one folder per stage). Such a folder is either a whole bundle
+(``configs/`` and ``models/``) or just its weights (``models/``), the configs then coming from the shipped bundle.
+Missing weights end with one line that says what to do, before anything is loaded.
+
+:func:`segment` takes a path or a ``nibabel`` image and returns a ``nibabel.Nifti1Image`` with the input's geometry
+(and per-organ statistics when asked), without writing anything the caller has to manage. The command
+(:func:`run_segment`) adds the files: see :mod:`flare_c2f_extensions.outputs`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .data import InputError, label_map_image
+from .labels import GROUPS, ORGAN_IDS, ORGANS
+from .paths import STAGE_BUNDLES, bundles_dir as default_bundles_dir
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_HINT = "--require_weights false"
+
+
+# -- options ------------------------------------------------------------------------------------------------------
+
+
+def parse_organs(organs) -> tuple[int, ...]:
+    """FLARE ids of ``organs``: ``None`` (all), ``"liver,spleen"``, ``["liver", 3]``; unknown names are an
+    :class:`InputError` listing the valid ones."""
+    if organs is None or organs == "" or organs == "all":
+        return tuple(ORGANS)
+    items = organs.split(",") if isinstance(organs, str) else list(organs) if isinstance(organs, Sequence) else [organs]
+    ids = []
+    for item in items:
+        name = str(item).strip()
+        if name.isdigit() and int(name) in ORGANS:
+            ids.append(int(name))
+        elif name in ORGAN_IDS:
+            ids.append(ORGAN_IDS[name])
+        else:
+            raise InputError(f"--organs: unknown organ {name!r}; valid names: {', '.join(ORGAN_IDS)}")
+    return tuple(sorted(set(ids)))
+
+
+def as_bool(value, name: str) -> bool:
+    """``True``/``False`` from a bool or the strings a command line gives (``true``, ``no``, ``1``, ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"--{name}: expected true or false, got {value!r}")
+
+
+def as_mapping(value, name: str) -> dict:
+    """A dict from a dict, a JSON or Python-literal string, or a path to a JSON file (``None``: empty)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    text = str(value)
+    if Path(text).is_file():
+        text = Path(text).read_text()
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            parsed = parse(text)
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(parsed, Mapping):
+            return dict(parsed)
+    raise InputError(f"--{name}: not a mapping (JSON object, Python dict or JSON file): {value!r}")
+
+
+# -- stages -------------------------------------------------------------------------------------------------------
+
+
+def stage_sources(
+    bundles_dir=None, stage_dirs: Mapping | None = None, stage_overrides: Mapping | None = None
+) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Config folder and overrides of every stage.
+
+    A stage folder with ``configs/inference.json`` is a whole bundle; one without is a weights folder: the configs
+    come from the default bundles folder and ``ckpt_dir`` points at its ``models/``.
+    """
+    defaults = default_bundles_dir()
+    root = Path(bundles_dir) if bundles_dir is not None else defaults
+    if bundles_dir is not None and not root.is_dir():
+        raise InputError(f"{root}: --bundles_dir folder does not exist")
+    folders = {name: root / bundle for name, bundle in STAGE_BUNDLES.items()}
+    unknown = sorted(set(stage_dirs or {}) - set(STAGE_BUNDLES))
+    if unknown:
+        raise InputError(f"--stage_dirs: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGE_BUNDLES)}")
+    folders.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
+    dirs, overrides = {}, {name: dict(value) for name, value in (stage_overrides or {}).items()}
+    for name, folder in folders.items():
+        if (folder / "configs" / "inference.json").is_file():
+            dirs[name] = folder
+        else:
+            dirs[name] = defaults / STAGE_BUNDLES[name]
+            overrides.setdefault(name, {})["ckpt_dir"] = str(folder / "models")
+    return dirs, overrides
+
+
+def needed_stages(organs: Sequence[int]) -> list[tuple[str, dict]]:
+    """The stages ``organs`` need, as (stage name, extra overrides): the refiner once per small organ."""
+    wanted = set(organs)
+    stages = [("coarse", {})]
+    stages += [(group, {}) for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
+    small = [o for o in GROUPS["small"] if o in wanted]
+    if small:
+        stages.append(("locator", {}))
+        stages += [("refiner", {"organ": ORGANS[o]}) for o in small]
+    return stages
+
+
+def missing_weights(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]) -> list[str]:
+    """``"<stage>: <checkpoint path>"`` for every needed stage whose checkpoint file does not exist."""
+    from .cascade import _load_stage_config
+
+    missing = []
+    for name, extra in needed_stages(organs):
+        parser = _load_stage_config(dirs[name], {**overrides.get(name, {}), **extra})
+        checkpoint = Path(parser.get_parsed_content("ckpt_path"))
+        if not checkpoint.is_file():
+            label = f"{name} ({extra['organ']})" if extra else name
+            missing.append(f"{label}: {checkpoint}")
+    return missing
+
+
+def weights_error(missing: Sequence[str]) -> InputError:
+    more = f" (and {len(missing) - 1} more stage(s))" if len(missing) > 1 else ""
+    return InputError(
+        f"no trained weights for stage {missing[0]}{more}: train the stages (`flare-c2f train`, or each bundle's "
+        f"configs/train.json), download a release (`flare-c2f download_release`) and point --bundles_dir (or "
+        f"--stage_dirs) at it, or add {RANDOM_WEIGHTS_HINT} to time the cascade with random weights"
+    )
+
+
+def parse_device(device):
+    """``torch.device`` of ``--device`` (``None``: CUDA if available, else CPU); :class:`InputError` for a device
+    that does not exist here."""
+    import torch
+
+    if device is None or device == "auto":
+        return None
+    try:
+        parsed = torch.device(str(device))
+    except RuntimeError as error:
+        raise InputError(f"--device {device}: {error}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    return parsed
+
+
+def parse_threads(threads) -> int | None:
+    if threads is None:
+        return None
+    if not str(threads).isdigit() or int(threads) < 1:
+        raise InputError(f"--threads: expected a positive whole number, got {threads!r}")
+    return int(threads)
+
+
+class _QuietRandomInit(logging.Filter):
+    """Drop the per-stage 'using random initialisation' warnings: :func:`load_segmenter` says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "random initialisation" not in record.getMessage()
+
+
+def load_cascade(
+    organs: Sequence[int],
+    device=None,
+    amp=None,
+    bundles_dir=None,
+    stage_dirs=None,
+    stage_overrides=None,
+    require_weights: bool = True,
+    seed: int = 0,
+):
+    """The cascade with the stages ``organs`` need, and the stages that run with random weights (no checkpoint,
+    ``require_weights=False``: for timing). ``seed`` seeds their initialisation, so such runs repeat exactly."""
+    import torch
+
+    from .cascade import Cascade
+
+    dirs, overrides = stage_sources(bundles_dir, stage_dirs, stage_overrides)
+    missing = missing_weights(dirs, overrides, organs)
+    if missing and require_weights:
+        raise weights_error(missing)
+    if missing:
+        logger.warning("no weights for %d stage(s): they run with random weights (timing only)", len(missing))
+    device = parse_device(device)
+    cascade_logger = logging.getLogger("flare_c2f_extensions.cascade")
+    quiet = _QuietRandomInit()
+    cascade_logger.addFilter(quiet)
+    try:
+        torch.manual_seed(int(seed))
+        cascade = Cascade.from_bundles(
+            device=device, amp=amp, stage_overrides=overrides, stage_dirs=dirs, require_weights=require_weights,
+            organs=organs,
+        )
+    finally:
+        cascade_logger.removeFilter(quiet)
+    return cascade, missing
+
+
+# -- the API ------------------------------------------------------------------------------------------------------
+
+
+class Segmenter:
+    """The cascade loaded once, for many images: ``Segmenter(organs="liver,spleen")(image)``.
+
+    Options as :func:`segment`. ``threads`` sets torch's intra-op threads (process-wide).
+    """
+
+    def __init__(
+        self,
+        organs=None,
+        device=None,
+        amp=None,
+        threads: int | None = None,
+        bundles_dir=None,
+        stage_dirs=None,
+        stage_overrides=None,
+        require_weights: bool = True,
+        seed: int = 0,
+    ):
+        import torch
+
+        threads = parse_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.organs = parse_organs(organs)
+        amp = None if amp is None else as_bool(amp, "amp")
+        self.cascade, self.random_weight_stages = load_cascade(
+            self.organs, device, amp, bundles_dir, as_mapping(stage_dirs, "stage_dirs"),
+            as_mapping(stage_overrides, "stage_overrides"), as_bool(require_weights, "require_weights"), seed,
+        )
+
+    def labels(self, path: str | os.PathLike):
+        """The label map of the CT at ``path`` (file layout, FLARE ids of the chosen organs only) and the cascade's
+        :class:`~flare_c2f_extensions.cascade.CaseResult` (seconds by stage, skipped stages)."""
+        result = self.cascade.segment(path)
+        labels = result.labels
+        if len(self.organs) < len(ORGANS):  # a group's other organs are not asked for
+            labels = np.where(np.isin(labels, self.organs), labels, 0).astype(np.uint8)
+        return labels, result
+
+    def __call__(self, image, statistics: bool = False):
+        with _as_path(image) as path:
+            labels, _ = self.labels(path)
+            result = label_map_image(labels, path)
+            if not statistics:
+                return result
+            from .outputs import organ_statistics, read_hu
+
+            hu, affine = read_hu(path)
+            return result, organ_statistics(labels, hu, affine, self.organs)
+
+
+class _as_path:
+    """``with _as_path(image) as path``: a path as it is; a nibabel image written to a temporary ``.nii`` file
+    (uncompressed, removed afterwards), since the cascade reads its input from disk."""
+
+    def __init__(self, image):
+        self.image = image
+        self.folder = None
+
+    def __enter__(self) -> str:
+        if isinstance(self.image, (str, os.PathLike)):
+            return str(self.image)
+        if not isinstance(self.image, nib.spatialimages.SpatialImage):
+            raise InputError(f"segment: expected a path or a nibabel image, got {type(self.image).__name__}")
+        self.folder = tempfile.TemporaryDirectory(prefix="flare-c2f-")
+        path = Path(self.folder.name) / "image.nii"
+        image = self.image
+        if not isinstance(image, nib.Nifti1Image):
+            image = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine)
+        nib.save(image, str(path))
+        return str(path)
+
+    def __exit__(self, *exc):
+        if self.folder is not None:
+            self.folder.cleanup()
+        return False
+
+
+def segment(image, organs=None, statistics: bool = False, **options):
+    """Segment one CT: a path (NIfTI file or DICOM series folder) or a ``nibabel`` image.
+
+    Returns a ``nibabel.Nifti1Image`` (uint8 FLARE ids, exactly the input's shape and affine), or
+    ``(image, statistics)`` with ``statistics=True`` (per organ: voxel count, volume in ml, mean and median HU,
+    whether it touches the image border). ``organs``: a subset (``"liver,spleen"`` or a list); only the stages
+    they need run. Other options: ``device``, ``amp``, ``threads``, ``bundles_dir``, ``stage_dirs``,
+    ``stage_overrides``, ``require_weights``, ``seed`` (see :class:`Segmenter`). Loading the networks takes a
+    while: for many images build one :class:`Segmenter` and call it.
+    """
+    return Segmenter(organs=organs, **options)(image, statistics=statistics)
+
+
+# -- the command -------------------------------------------------------------------------------------------------
+
+
+def resolve_inputs(source, output=None) -> tuple[list[tuple[str, str]], list[dict]]:
+    """The images ``-i`` names, as (image, case name) pairs, and the folder entries that were ignored (with why):
+    a NIfTI file, a DICOM series folder, or a folder of NIfTI files / series folders (``output`` never looked into).
+    """
+    from .data import case_name, check_volume, find_images, is_nifti
+
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        raise InputError(f"{path}: input does not exist")
+    if path.is_file():
+        if not is_nifti(path):
+            raise InputError(f"{path}: not a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
+        check_volume(path)
+        return [(str(path), case_name(path))], []
+    found = find_images(path, subdir="", exclude=[str(output)] if output is not None else None)
+    return [(item["image"], item.get("case") or case_name(item["image"])) for item in found], found.ignored
+
+
+def plan_targets(images: Sequence[tuple[str, str]], output) -> list[tuple[str, Path]]:
+    """(image, label map path) pairs: ``-o`` is the file for one input (``.nii.gz``/``.nii``), else a folder that
+    gets ``<case>.nii.gz`` per input. Refused before any case: an output that would overwrite its input, and an
+    output folder whose label maps would be taken for inputs on the next run (:func:`data.outputs_apart_from_inputs`).
+    """
+    from .data import NIFTI_SUFFIXES, outputs_apart_from_inputs
+
+    output = Path(str(output)).expanduser()
+    if str(output).lower().endswith(NIFTI_SUFFIXES):
+        if len(images) > 1:
+            raise InputError(f"{output}: -o must be a folder for {len(images)} inputs, not a NIfTI file name")
+        image = images[0][0]
+        if os.path.realpath(output) == os.path.realpath(image):
+            raise InputError(f"{output}: this output would overwrite the input {image}; choose another file name")
+        return [(image, output)]
+    outputs_apart_from_inputs(images, output)
+    return [(image, output / f"{case}.nii.gz") for image, case in images]
+
+
+def check_weights(organs: Sequence[int], options: Mapping) -> None:
+    """Fail now, with the one line of :func:`weights_error`, if a needed stage has no weights and they are required."""
+    if not as_bool(options.get("require_weights", True), "require_weights"):
+        return
+    dirs, overrides = stage_sources(
+        options.get("bundles_dir"), as_mapping(options.get("stage_dirs"), "stage_dirs"),
+        as_mapping(options.get("stage_overrides"), "stage_overrides"),
+    )
+    missing = missing_weights(dirs, overrides, organs)
+    if missing:
+        raise weights_error(missing)
+
+
+class _CollectWarnings(logging.Handler):
+    """The package's warnings during a run: printed as ``warning: ...`` and kept for the run report."""
+
+    def __init__(self, echo: bool = True):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self.echo = echo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.messages.append(message)
+        if self.echo:
+            print(f"warning: {message}", file=sys.stderr)
+
+    def take(self) -> list[str]:
+        taken, self.messages = self.messages, []
+        return taken
+
+
+def _environment(segmenter: Segmenter) -> dict:
+    import platform
+
+    import monai
+    import torch
+
+    from . import __version__
+
+    cascade = segmenter.cascade
+    stages = [cascade.coarse, *cascade.groups, *([cascade.locator] if cascade.locator else []), *cascade.refiners]
+    return {
+        "flare_c2f_extensions": __version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+        "device": str(cascade.device),
+        "threads": torch.get_num_threads(),
+        "amp": cascade.amp,
+        "organs": [ORGANS[o] for o in segmenter.organs],
+        "stages": [stage.name if stage.name != "refiner" else f"refiner:{ORGANS[stage.labels[0]]}" for stage in stages],
+        "random_weight_stages": segmenter.random_weight_stages,
+    }
+
+
+def run_segment(
+    input,
+    output,
+    organs=None,
+    per_organ: bool = False,
+    dicom_seg: bool = False,
+    statistics: bool = False,
+    preview: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """``flare-c2f segment``: check everything that can be checked (inputs, output folder, organs, weights) before
+    any network runs, then segment each input and write its outputs (:func:`outputs.write_case`) and a run report.
+    A case that fails is reported and the others go on. Returns the report.
+
+    Under ``torchrun`` each rank segments its share of the cases on its own device and rank 0 writes one merged
+    report (:mod:`.distributed`); the other ranks return their part."""
+    from .data import prepare_output_dir
+    from .distributed import Ranks, merge_reports
+    from .outputs import stem_of
+
+    chosen = parse_organs(organs)
+    images, ignored = resolve_inputs(input, output)
+    targets = plan_targets(images, output)
+    if dicom_seg:
+        from .dicom_seg import check_source
+
+        for image, _ in images:
+            check_source(image)
+    parse_device(options.get("device"))
+    parse_threads(options.get("threads"))
+    check_weights(chosen, options)
+    folder = prepare_output_dir(targets[0][1].parent)
+    single_file = len(targets) == 1 and targets[0][1] == Path(str(output)).expanduser()
+    report_path = folder / (f"{stem_of(targets[0][1])}_report.json" if single_file else "segment_report.json")
+    ranks = Ranks.from_env()  # one process: everything as it was
+    device = options["device"] = ranks.device(options.get("device"))
+    options["threads"] = ranks.threads(options.get("threads"), device)
+    mine = ranks.shard(targets, key=lambda target: str(target[1]))  # every case on exactly one rank
+    ranks.start()
+    collect = _CollectWarnings(echo=progress)
+    package_logger = logging.getLogger("flare_c2f_extensions")
+    package_logger.addHandler(collect)
+    try:
+        segmenter = Segmenter(organs=chosen, **options)
+        run_warnings = collect.take()
+        cases = _run_cases(segmenter, mine, overwrite, progress, collect,
+                           dict(per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics, preview=preview))
+    finally:
+        package_logger.removeHandler(collect)
+    from .cascade import _summarise
+    from .data import write_text_atomic
+
+    report = {
+        **_environment(segmenter), "warnings": run_warnings, **_summarise(cases, segmenter.cascade.device, ignored),
+    }
+    parts = ranks.gather(report)
+    ranks.stop()
+    if parts is None:  # not rank 0: rank 0 writes the merged report
+        return {**report, "report": str(report_path)}
+    if ranks.distributed:
+        report = merge_reports(parts, lambda cases: _summarise(cases, segmenter.cascade.device, ignored))
+    write_text_atomic(json.dumps(report, indent=4) + "\n", report_path)
+    report["report"] = str(report_path)
+    return report
+
+
+def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, collect, what: dict) -> list[dict]:
+    from .data import case_name, input_error_in
+    from .efficiency import ResourceMonitor
+    from .outputs import write_case
+
+    cases, claimed = [], {}
+    for number, (image, target) in enumerate(targets, start=1):
+        case = {"case": case_name(image), "input": image, "output": str(target)}
+        if str(target) in claimed:
+            case.update(status="failed", error=f"{image}: its output {target} is already {claimed[str(target)]}'s")
+        elif not overwrite and _finished(target, image, case):
+            case["status"] = "exists"
+        else:
+            claimed[str(target)] = image
+            try:
+                with ResourceMonitor(segmenter.cascade.device) as monitor:
+                    labels, result = segmenter.labels(image)
+                    written = write_case(labels, image, target, segmenter.organs, **what)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as error:  # one bad case must not stop the others
+                cause = input_error_in(error)
+                case.update(status="failed", error=str(cause) if cause else f"{image}: {type(error).__name__}: {error}")
+            else:
+                case.update(status="done", outputs=[str(p) for p in written], **monitor.usage.as_dict())
+                case["stage_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
+                case["skipped_stages"] = result.skipped
+        case["warnings"] = collect.take()
+        cases.append(case)
+        if progress:
+            print(_case_line(case, number, len(targets)), file=sys.stderr)
+    return cases
+
+
+def _finished(target: Path, image, case: dict) -> bool:
+    """Whether ``target`` is a finished label map of ``image`` (reads back whole with its shape and affine); a
+    file there that is not is redone, and ``case["redone"]`` says why."""
+    from .data import finished_output, image_geometry
+
+    if not (target.exists() or target.is_symlink()):
+        return False
+    try:
+        why = finished_output(target, image_geometry(image))
+    except InputError:  # the image itself is bad: the case runs and fails with its own message
+        return False
+    if why is not None:
+        case["redone"] = why
+        logger.warning("%s: exists but %s: segmenting the case again", target, why)
+    return why is None
+
+
+def _case_line(case: dict, number: int, total: int) -> str:
+    status = case["status"]
+    if status == "done":
+        return f"[{number}/{total}] {case['case']}: {case['seconds']:.1f} s -> {case['output']}"
+    if status == "exists":
+        return f"[{number}/{total}] {case['case']}: {case['output']} exists, skipped (--overwrite to redo it)"
+    return f"[{number}/{total}] {case['case']}: failed: {case['error']}"
+
+
+__all__ = [
+    "Segmenter", "as_bool", "as_mapping", "load_cascade", "parse_organs", "plan_targets", "resolve_inputs",
+    "run_segment", "segment", "stage_sources",
+]

@@ -1,0 +1,524 @@
+"""Train the whole cascade in one command: every stage through its own bundle's ``configs/train.json``.
+
+``train_cascade(dataset_dir, out)`` (``flare-c2f train --dataset_dir D --out DIR``):
+
+1. decodes every labelled case once into ``DIR/cache/data`` (FLARE layout, reoriented to RAS, HU clipped to the
+   stages' [-100, 300] window, uncompressed NIfTI: int16 for integer HU, which loses nothing, uint8 labels);
+   every stage then reads those files instead of re-inflating the gzipped originals;
+2. copies each stage bundle's configs, docs and LICENSE to ``DIR/<bundle>/`` and trains the stage there
+   (``bundle_root=DIR/<bundle>``) with the bundle's defaults (the paper's recipe) plus the overrides given;
+   ``models/`` receives the weights, ``logs/train_<stage>.log`` the detailed log;
+3. resumes: a finished stage has ``logs/train_<stage>.done.json`` (written atomically) and is skipped; an
+   unfinished one continues from its last training state (``resume=True``, see ``checkpoints.TrainState``);
+4. ends by running the whole cascade (``Cascade.from_bundles(DIR)``) on the held-out validation cases and scoring
+   it with the FLARE22 metrics (``DIR/evaluation/metrics.csv``, ``summary.json``).
+
+Under ``torchrun`` every stage runs with its ``multi_gpu_train.json`` overlay; one process group serves all stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .cascade import BUNDLES_DIR, STAGE_BUNDLES
+from .data import (
+    HU_RANGE,
+    InputError,
+    case_name,
+    labelled_cases,
+    read_ct,
+    split_cases,
+    write_nifti_atomic,
+    write_text_atomic,
+)
+from .labels import GROUPS, ORGANS
+
+__all__ = ["STAGES", "train_cascade", "parse_overrides", "select_stages", "prepare_cache", "StagePlan"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One training: ``name`` (``coarse`` ... ``refiner_gallbladder``), its bundle and, for a refiner, the organ."""
+
+    name: str
+    bundle: str
+    organ: str | None = None
+
+    @property
+    def state_dir(self) -> str:
+        return "train_state" + (f"/{self.organ}" if self.organ else "")
+
+
+STAGES = tuple(
+    [StagePlan(name, STAGE_BUNDLES[name]) for name in ("coarse", "solid", "digestive", "vessels", "locator")]
+    + [StagePlan(f"refiner_{ORGANS[o]}", STAGE_BUNDLES["refiner"], ORGANS[o]) for o in GROUPS["small"]]
+)
+# stage-name prefixes an override may carry: a stage, "refiner" (the four refiners) or "all"
+OVERRIDE_SCOPES = ("all", "refiner") + tuple(stage.name for stage in STAGES)
+# training-side keys that never go into the trained bundle's inference.json
+NOT_PERSISTED = {"device", "dataset_dir", "num_workers", "bundle_root", "organ", "amp"}
+DEFAULT_NUM_VAL = 10
+
+
+def select_stages(stages: str | Sequence[str] | None) -> list[StagePlan]:
+    """``None``/``"all"``: every stage; else names (comma-separated or a list); ``refiner`` means all four."""
+    if stages is None or stages == "all":
+        return list(STAGES)
+    names = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if str(s).strip()]
+    chosen = set()
+    for name in names:
+        matched = {s.name for s in STAGES if s.name == name or (name == "refiner" and s.organ)}
+        if not matched:
+            known = ", ".join(["refiner"] + [s.name for s in STAGES])
+            raise InputError(f"--stages: unknown stage {name!r} (known: {known})")
+        chosen |= matched
+    return [s for s in STAGES if s.name in chosen]
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _read_override_file(path: Path) -> dict:
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"{path}: cannot read the overrides file ({error})") from None
+    if not isinstance(content, Mapping) or not all(isinstance(v, Mapping) for v in content.values()):
+        raise InputError(f"{path}: overrides file must map stage names ({', '.join(OVERRIDE_SCOPES)}) to key: value")
+    for scope in content:
+        if scope not in OVERRIDE_SCOPES:
+            raise InputError(f"{path}: unknown stage {scope!r} (known: {', '.join(OVERRIDE_SCOPES)})")
+    return {scope: dict(values) for scope, values in content.items()}
+
+
+def parse_overrides(overrides) -> dict[str, dict]:
+    """Per-scope config overrides from ``"solid#learning_rate=0.001"`` strings (no stage prefix: every stage;
+    ``refiner#...``: the four refiners), files (``.json``/``.yaml`` mapping scope -> {key: value}), or a mapping
+    of that form; values are YAML (``0.001``, ``[4,8,8,8,8]``, ``false``). Returns ``{scope: {key: value}}``."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return _read_override_file_content(overrides)
+    items = [overrides] if isinstance(overrides, str) else list(overrides)
+    merged: dict[str, dict] = {}
+    for item in items:
+        if isinstance(item, Mapping):
+            parsed = _read_override_file_content(item)
+        elif "=" not in str(item):
+            path = Path(str(item))
+            if not path.is_file():
+                raise InputError(f"--override {item!r}: neither key=value nor an existing JSON/YAML file")
+            parsed = _read_override_file(path)
+        else:
+            key, value = str(item).split("=", 1)
+            scope, _, rest = key.strip().partition("#")
+            scope, key = (scope, rest) if scope in OVERRIDE_SCOPES and rest else ("all", key.strip())
+            parsed = {scope: {key: _parse_value(value)}}
+        for scope, values in parsed.items():
+            merged.setdefault(scope, {}).update(values)
+    return merged
+
+
+def _read_override_file_content(content: Mapping) -> dict:
+    for scope, values in content.items():
+        if scope not in OVERRIDE_SCOPES or not isinstance(values, Mapping):
+            raise InputError(f"overrides: {scope!r} must be one of {', '.join(OVERRIDE_SCOPES)} mapping to key: value")
+    return {scope: dict(values) for scope, values in content.items()}
+
+
+def stage_overrides(stage: StagePlan, overrides: Mapping[str, Mapping]) -> dict:
+    """The user's overrides that apply to ``stage``: ``all``, then ``refiner`` (refiners), then its own."""
+    scopes = ["all"] + (["refiner"] if stage.organ else []) + [stage.name]
+    merged: dict = {}
+    for scope in scopes:
+        merged.update(overrides.get(scope, {}))
+    return merged
+
+
+# -- the decoded-once cache ------------------------------------------------------------------------------------
+
+
+def _cached_pair(cache: Path, case: str) -> tuple[Path, Path]:
+    return cache / "imagesTr" / f"{case}_0000.nii", cache / "labelsTr" / f"{case}.nii"
+
+
+def _is_fresh(target: Path, source: Path) -> bool:
+    return target.is_file() and target.stat().st_mtime >= source.stat().st_mtime
+
+
+def cache_case(image: str | os.PathLike, label: str | os.PathLike, cache: Path) -> bool:
+    """Decode one labelled case into ``cache`` (RAS, HU clipped to the window, uncompressed); ``False`` if the
+    cached files are already there and newer than the sources."""
+    image, label = Path(image), Path(label)
+    image_out, label_out = _cached_pair(cache, case_name(image))
+    if _is_fresh(image_out, image) and _is_fresh(label_out, label):
+        return False
+    scaled, _ = read_ct(image)  # RAS, clipped to the window, scaled to [0, 1]
+    affine = scaled.affine.numpy()
+    low, high = HU_RANGE
+    hu = scaled[0].numpy() * (high - low) + low
+    rounded = np.round(hu)
+    # integer HU (every CT scanner's) fit int16 exactly; anything else keeps float32
+    voxels = rounded.astype(np.int16) if np.abs(hu - rounded).max() < 1e-2 else hu.astype(np.float32)
+    labels = nib.load(str(label))
+    ornt = nib.orientations.io_orientation(labels.affine)
+    ras = nib.orientations.apply_orientation(np.asarray(labels.dataobj), ornt)
+    if ras.shape != voxels.shape or not np.allclose(labels.affine @ nib.orientations.inv_ornt_aff(ornt, labels.shape),
+                                                    affine, atol=1e-3):
+        raise InputError(f"{label}: label map geometry (shape, affine) differs from its image {image}")
+    write_nifti_atomic(nib.Nifti1Image(voxels, affine), image_out)
+    write_nifti_atomic(nib.Nifti1Image(ras.astype(np.uint8), affine), label_out)
+    return True
+
+
+def prepare_cache(dataset_dir: str | os.PathLike, cache: str | os.PathLike, progress: bool = True) -> Path:
+    """Decode every labelled case of ``dataset_dir`` once into ``cache`` (``imagesTr``/``labelsTr``, FLARE names,
+    ``.nii``); cases already cached are skipped. Returns ``cache``, a dataset folder every stage can train from."""
+    from tqdm.auto import tqdm
+
+    cache = Path(cache)
+    cases = labelled_cases(dataset_dir)
+    decoded = 0
+    for case in tqdm(cases, desc="cache", unit="case", disable=not progress):
+        decoded += cache_case(case["image"], case["label"], cache)
+    logger.info("cache %s: %d case(s) decoded, %d already there", cache, decoded, len(cases) - decoded)
+    return cache
+
+
+# -- bundles in the output folder ------------------------------------------------------------------------------
+
+
+def copy_bundle(bundle: str, out: Path, source_dir: Path = BUNDLES_DIR) -> Path:
+    """``out/<bundle>/`` with the bundle's configs, docs and LICENSE (existing files are kept: a rerun continues
+    with the configs it started with)."""
+    source, target = Path(source_dir) / bundle, Path(out) / bundle
+    for item in ("configs", "docs", "LICENSE"):
+        if (source / item).is_dir() and not (target / item).exists():
+            shutil.copytree(source / item, target / item)
+        elif (source / item).is_file() and not (target / item).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / item, target / item)
+    (target / "models").mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _set_id(config: dict, config_id: str, value) -> bool:
+    """``config["a"]["b"] = value`` for ``"a#b"`` if ``"a"`` exists in ``config``; ``False`` if it does not."""
+    *parents, last = config_id.split("#")
+    node = config
+    for key in parents:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    if not isinstance(node, dict) or (not parents and last not in node):
+        return False
+    node[last] = value
+    return True
+
+
+def persist_inference_overrides(bundle_root: Path, overrides: Mapping) -> dict:
+    """Write the overrides that concern inference (grid, network, margins...) into ``configs/inference.json`` of the
+    trained bundle, so that it loads its weights as trained. Returns what was written."""
+    path = bundle_root / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    written = {k: v for k, v in overrides.items() if k.split("#")[0] not in NOT_PERSISTED and _set_id(config, k, v)}
+    if written:
+        write_text_atomic(json.dumps(config, indent=4) + "\n", path)
+    return written
+
+
+# -- one stage -------------------------------------------------------------------------------------------------
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _init_process_group() -> None:
+    """One process group for all stages (the overlays' ``initialize`` finds it; their ``finalize`` is skipped)."""
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+class _FileLog:
+    """While active, everything logged (and Python warnings) goes to ``path`` only (rank 0; other ranks: nowhere)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self.saved = root.handlers[:], root.level
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handler = logging.FileHandler(self.path)
+            self.handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+        else:
+            self.handler = logging.NullHandler()
+        root.handlers, root.level = [self.handler], logging.INFO
+        logging.captureWarnings(True)
+        self.swapped: dict[logging.Logger, list] = {}
+        self.capture()
+        return self
+
+    def capture(self) -> None:
+        """MONAI gives some loggers their own stdout handler (``monai.handlers.StatsHandler``...): send those to the
+        file too. Call again once the workflow has built its handlers."""
+        for name, item in list(logging.Logger.manager.loggerDict.items()):
+            if isinstance(item, logging.Logger) and name.split(".")[0] in ("monai", "ignite") and item not in self.swapped:
+                if any(not isinstance(h, logging.NullHandler) for h in item.handlers):
+                    self.swapped[item] = item.handlers[:]
+                    item.handlers = [self.handler]
+
+    def __exit__(self, *exc):
+        for item, handlers in self.swapped.items():
+            item.handlers = handlers
+        root = logging.getLogger()
+        root.handlers, root.level = self.saved
+        logging.captureWarnings(False)
+        self.handler.close()
+        return False
+
+
+class _EpochProgress:
+    """One line per epoch (mean training loss, the validation metric when validation ran, seconds) and the history
+    that goes into the stage's done marker."""
+
+    def __init__(self, stage: str, evaluator, echo: bool):
+        self.stage, self.evaluator, self.echo = stage, evaluator, echo
+        self.history: list[dict] = []
+        self.resumed_from = 0
+        self.losses: list[float] = []
+
+    def attach(self, trainer) -> None:
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.STARTED, self.started)
+        trainer.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def _print(self, text: str) -> None:
+        if self.echo:
+            print(f"{self.stage:<28} {text}", flush=True)
+
+    def started(self, trainer) -> None:
+        self.resumed_from = trainer.state.epoch  # after the TrainState loader: the saved epoch, else 0
+        if self.resumed_from:
+            self._print(f"resumed after epoch {self.resumed_from} of {trainer.state.max_epochs}")
+
+    def epoch_started(self, trainer) -> None:
+        self.losses, self.clock = [], time.perf_counter()
+
+    def iteration_completed(self, trainer) -> None:
+        from monai.handlers import from_engine
+
+        loss = from_engine(["loss"], first=True)(trainer.state.output)
+        self.losses.append(float(loss[0] if isinstance(loss, (list, tuple)) else loss))
+
+    def epoch_completed(self, trainer) -> None:
+        epoch = trainer.state.epoch
+        record = {"epoch": epoch, "loss": round(float(np.mean(self.losses)), 5) if self.losses else None}
+        if self.evaluator.state.epoch == epoch and self.evaluator.state.metrics:
+            record.update({k: round(float(v), 5) for k, v in self.evaluator.state.metrics.items()})
+        record["seconds"] = round(time.perf_counter() - self.clock, 2)
+        self.history.append(record)
+        metrics = "  ".join(f"{k} {v}" for k, v in record.items() if k not in ("epoch", "seconds"))
+        self._print(f"epoch {epoch:>3}/{trainer.state.max_epochs}  {metrics}  {record['seconds']:.1f} s")
+
+
+def _stage_workflow(stage: StagePlan, root: Path, settings: Mapping, distributed: bool):
+    from monai.bundle import ConfigWorkflow
+
+    configs = ["train.json"] + (["multi_gpu_train.json"] if distributed else [])
+    config_dir = root / "configs"
+    workflow = ConfigWorkflow(
+        config_file=[str(config_dir / name) for name in configs],
+        meta_file=str(config_dir / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(root),
+        **settings,
+    )
+    parser = workflow.parser
+    max_epochs, val_interval = (int(parser.get_parsed_content(k)) for k in ("max_epochs", "val_interval"))
+    if val_interval > max_epochs:  # at least one validation, so that models/ gets the best model
+        parser["val_interval"] = max_epochs
+    if distributed:
+        parser["finalize"] = []  # the process group lives on for the next stage
+    return workflow
+
+
+def train_stage(stage: StagePlan, root: Path, settings: Mapping, distributed: bool = False) -> dict:
+    """Train one stage in ``root`` (its copied bundle); returns its done record (also written, atomically, to
+    ``root/logs/train_<stage>.done.json`` by rank 0)."""
+    echo = _rank() == 0
+    started = time.perf_counter()
+    with _FileLog(root / "logs" / f"train_{stage.name}.log", enabled=echo) as log:
+        workflow = _stage_workflow(stage, root, settings, distributed)
+        workflow.initialize()
+        missing = workflow.check_properties()
+        if missing:
+            raise RuntimeError(f"{stage.bundle}: config lacks required properties {missing}")
+        parser = workflow.parser
+        trainer = parser.get_parsed_content("train#trainer")
+        progress = _EpochProgress(stage.name, parser.get_parsed_content("validate#evaluator"), echo)
+        progress.attach(trainer)
+        log.capture()
+        workflow.run()
+        workflow.finalize()
+        checkpoint = Path(parser.get_parsed_content("ckpt_path"))
+        state_dir = Path(parser.get_parsed_content("state_dir"))
+    if trainer.state.epoch != trainer.state.max_epochs:
+        raise RuntimeError(f"{stage.name}: training stopped at epoch {trainer.state.epoch} of {trainer.state.max_epochs}")
+    record = {
+        "stage": stage.name,
+        "bundle": stage.bundle,
+        "checkpoint": str(checkpoint),
+        "epochs": trainer.state.max_epochs,
+        "resumed_after_epoch": progress.resumed_from,
+        "best_metric": getattr(progress.evaluator.state, "best_metric", None),
+        "seconds": round(time.perf_counter() - started, 1),
+        "history": progress.history,
+    }
+    if echo:
+        if not checkpoint.is_file():
+            raise RuntimeError(f"{stage.name}: training ended without a model at {checkpoint} (no validation ran?)")
+        write_text_atomic(json.dumps(record, indent=4) + "\n", done_marker(root, stage))
+        shutil.rmtree(state_dir, ignore_errors=True)  # the stage is done: its resumable state is no longer needed
+    return record
+
+
+def done_marker(root: Path, stage: StagePlan) -> Path:
+    return Path(root) / "logs" / f"train_{stage.name}.done.json"
+
+
+# -- the whole cascade -----------------------------------------------------------------------------------------
+
+
+def evaluate_cascade(dataset_dir, out: Path, num_val: int, device=None, progress: bool = True) -> dict:
+    """The cascade of the bundles in ``out`` on the held-out validation cases (the last ``num_val`` labelled ones,
+    the split every stage validated on), scored with the FLARE22 metrics in ``out/evaluation``."""
+    from .cascade import Cascade, CascadeRunner
+    from .metrics import evaluate_folder, format_summary
+
+    _, val = split_cases(labelled_cases(dataset_dir), num_val)
+    evaluation = Path(out) / "evaluation"
+    cascade = Cascade.from_bundles(out, device=device)
+    CascadeRunner(cascade, [c["image"] for c in val], evaluation / "predictions", overwrite=True, progress=progress).run()
+    summary = evaluate_folder(str(evaluation / "predictions"), [c["label"] for c in val], str(evaluation))
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def _common_settings(cache_data: Path, num_val: int, epochs, device, distributed: bool) -> dict:
+    common = {
+        "dataset_dir": str(cache_data),
+        "num_val": num_val,
+        "resume": True,
+        "train#dataset#progress": False,
+        "validate#dataset#progress": False,
+    }
+    if epochs:
+        common["max_epochs"] = int(epochs)
+    if device and not distributed:  # under torchrun each process takes the GPU of its LOCAL_RANK
+        common["device"] = f"$torch.device({str(device)!r})"
+    return common
+
+
+def train_cascade(
+    dataset_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    stages: str | Sequence[str] | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    overrides=None,
+    num_val: int = DEFAULT_NUM_VAL,
+    evaluate: bool = True,
+    progress: bool = True,
+    bundles_dir: str | os.PathLike = BUNDLES_DIR,
+) -> dict:
+    """Train the cascade's stages from the FLARE-layout ``dataset_dir`` into ``out/<bundle>/`` and evaluate it.
+
+    ``stages``: ``None`` (all), or names such as ``"coarse,solid"`` (``refiner`` = all four refiners);
+    ``epochs``: every stage's ``max_epochs``; ``device``: e.g. ``"cuda:1"`` or ``"cpu"`` (default: the configs');
+    ``overrides``: see :func:`parse_overrides`; ``num_val``: the last ``num_val`` labelled cases validate every stage
+    and the final cascade evaluation. Finished stages are skipped, an interrupted one resumes. Returns
+    ``{"stages": {name: done record}, "evaluation": FLARE22 summary or None}``.
+    """
+    out = Path(out)
+    plans = select_stages(stages)
+    user = parse_overrides(overrides)
+    distributed = _distributed()
+    if distributed:
+        _init_process_group()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # each machine's first process (atomic writes: shareable)
+        prepare_cache(dataset_dir, out / "cache" / "data", progress=progress and _rank() == 0)
+        copy_bundle("flare22_cascade", out, Path(bundles_dir))  # the whole pipeline, reading its sibling stages
+    _barrier()
+    common = _common_settings(out / "cache" / "data", num_val, epochs, device, distributed)
+    records = {}
+    for stage in plans:
+        root = out / stage.bundle
+        if done_marker(root, stage).is_file():
+            records[stage.name] = json.loads(done_marker(root, stage).read_text())
+            if _rank() == 0:
+                print(f"{stage.name:<28} done before, skipped ({done_marker(root, stage)})", flush=True)
+            continue
+        if _rank() == 0:
+            copy_bundle(stage.bundle, out, Path(bundles_dir))
+            persist_inference_overrides(root, stage_overrides(stage, user))
+        _barrier()
+        settings = {**common, **({"organ": stage.organ} if stage.organ else {}), **stage_overrides(stage, user)}
+        records[stage.name] = train_stage(stage, root, settings, distributed)
+        _barrier()
+    summary = None
+    pending = [s.name for s in STAGES if not done_marker(out / s.bundle, s).is_file()]
+    if _rank() == 0:
+        if not evaluate:
+            pass
+        elif pending:
+            print(f"cascade evaluation skipped: stage(s) {', '.join(pending)} not trained yet", flush=True)
+        else:
+            summary = evaluate_cascade(dataset_dir, out, num_val, device, progress)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return {"stages": records, "evaluation": summary}
