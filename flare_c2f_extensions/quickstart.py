@@ -23,7 +23,10 @@ import numpy as np
 from .paths import BUNDLES_DIR, STAGE_BUNDLES
 from .labels import GROUPS, ORGANS
 
-__all__ = ["QUICK_STAGES", "QUICK_NETWORK", "QUICK_TRAINING", "LOG_DIR", "quickstart", "train_stages", "run_bundle", "logs_to_file"]
+__all__ = [
+    "QUICK_STAGES", "QUICK_NETWORK", "QUICK_TRAINING", "LOG_DIR",
+    "quickstart", "train_stages", "run_bundle", "logs_to_file",
+]
 
 # Training overrides of every stage for a quick CPU run (ordinary config overrides). A high learning rate and
 # small grids let each stage learn in a minute or two of one core; the locator, whose four small organs learn last,
@@ -184,8 +187,9 @@ def train_stages(
 
     The stages learn independently (each from the ground truth), so ``workers`` processes (default: one per core)
     train them side by side, longest first, each with its share of the cores: at these small sizes one process
-    keeps a core far busier than two threads do. Each run logs to ``<log_dir>/<run>.log`` (default ``out/logs``). ``epochs`` (if given)
-    replaces every stage's ``max_epochs``; ``progress`` (a :class:`Progress`) gets a line per finished run.
+    keeps a core far busier than two threads do. Each run logs to ``<log_dir>/<run>.log`` (default ``out/logs``).
+    ``epochs`` (if given) replaces every stage's ``max_epochs``; ``progress`` (a :class:`Progress`) gets a line per
+    finished run.
     """
     n_cases = len(list((data / "imagesTr").glob("*.nii.gz")))
     common = {"dataset_dir": str(data), "num_val": max(1, n_cases // 5), **QUICK_TRAINING, **network}

@@ -50,7 +50,8 @@ def test_prediction_and_truth_differ_only_where_the_labels_do(volumes):
     ct, pred, gt = volumes
     same, layout = overlay_figure(ct, gt, gt, SPACING)
     for view in VIEWS:
-        assert np.array_equal(_panel(same, layout["panels"][(view, "prediction")]), _panel(same, layout["panels"][(view, "ground truth")]))
+        panels = [_panel(same, layout["panels"][(view, row)]) for row in ("prediction", "ground truth")]
+        assert np.array_equal(*panels), view
     rgb, layout = overlay_figure(ct, pred, gt, SPACING)
     for view in ("axial", "coronal"):  # x across, the patient's right on the viewer's left: low x on the right
         p, g = (_panel(rgb, layout["panels"][(view, row)]) for row in ("prediction", "ground truth"))

@@ -15,7 +15,9 @@ from flare_c2f_extensions.quickstart import LOG_DIR, QUICK_STAGES, logs_to_file,
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):
-    tiny_stages = {name: (bundle, {**settings, "spatial_size": [32, 32, 32]}) for name, (bundle, settings) in QUICK_STAGES.items()}
+    tiny_stages = {
+        name: (bundle, {**settings, "spatial_size": [32, 32, 32]}) for name, (bundle, settings) in QUICK_STAGES.items()
+    }
     summary = quickstart(
         out=str(tmp_path), n_train=4, n_test=2, epochs=2, seed=3, shape=(48, 48, 32),
         network={"network_def#channels": [4, 8, 8, 8, 8]}, stages=tiny_stages, workers=2,
