@@ -1,22 +1,26 @@
 """The whole flow, as the README's main command runs it, shrunk: every stage trained briefly through its own
-bundle, the cascade on held-out cases, the FLARE22 evaluation and an overlay per case."""
+bundle, the cascade on held-out cases, the FLARE22 evaluation and an overlay per case; one line per stage on the
+terminal, the bundles' logs in a file."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from flare_c2f_extensions.quickstart import QUICK_STAGES, quickstart
+from flare_c2f_extensions.quickstart import LOG_DIR, QUICK_STAGES, logs_to_file, quickstart, stage_runs
 
 
-def test_quickstart_end_to_end(tmp_path):
-    tiny_stages = {name: (bundle, {**settings, "spatial_size": [32, 32, 32]}) for name, (bundle, settings) in QUICK_STAGES.items()}
+def test_quickstart_end_to_end(tmp_path, capsys):
+    tiny_stages = {
+        name: (bundle, {**settings, "spatial_size": [32, 32, 32]}) for name, (bundle, settings) in QUICK_STAGES.items()
+    }
     summary = quickstart(
-        out=str(tmp_path), n_train=4, n_test=2, epochs=1, seed=3, shape=(48, 48, 32),
-        network={"network_def#channels": [4, 8, 8, 8, 8]}, stages=tiny_stages,
+        out=str(tmp_path), n_train=4, n_test=2, epochs=2, seed=3, shape=(48, 48, 32),
+        network={"network_def#channels": [4, 8, 8, 8, 8]}, stages=tiny_stages, workers=2,
     )
     assert summary["num_cases"] == 2 and summary["missing_predictions"] == []
     assert len(summary["organs"]) == 13 and 0.0 <= summary["mean_DSC"] <= 1.0
@@ -29,7 +33,43 @@ def test_quickstart_end_to_end(tmp_path):
         prediction = nib.load(str(tmp_path / "predictions" / f"{case}.nii.gz"))
         assert prediction.shape == nib.load(str(image)).shape
         png = Image.open(tmp_path / "overlays" / f"{case}.png")
-        assert png.mode == "RGB" and png.width > png.height > 0
-        assert np.asarray(png).std() > 0
+        assert png.mode == "RGB" and png.width >= 900 and np.asarray(png).std() > 0
     assert (tmp_path / "evaluation" / "metrics.csv").is_file()
     assert (tmp_path / "predictions" / "efficiency.json").is_file()
+
+    # the terminal: a line per stage (cohort, 9 trainings, cascade, evaluation, overlays) and the final table only
+    terminal = capsys.readouterr().out
+    stages = len(stage_runs()) + 4
+    progress = [line for line in terminal.splitlines() if line.startswith("[")]
+    assert len(progress) == stages == 13 and progress[-1].startswith(f"[{stages}/{stages}] draw overlays")
+    assert "train refiner gallbladder" in terminal and "Epoch" not in terminal and "train_loss" not in terminal
+    # the log files: one per training run (2 epochs each here) with every iteration, and the main one
+    logs = tmp_path / LOG_DIR
+    runs = sorted(p.stem for p in logs.glob("*.log") if p.stem not in ("quickstart", "workers"))
+    assert len(runs) == len(stage_runs()) and "refiner_gallbladder" in runs and "coarse" in runs
+    for run in runs:
+        log = (logs / f"{run}.log").read_text()
+        assert "Epoch: 2/2, Iter: 1/" in log and "train_loss" in log and "val_mean_dice" in log, run
+    assert "evaluate" in (logs / "quickstart.log").read_text()  # the bars of the cascade and the evaluation
+
+
+def test_logs_to_file_restores_the_terminal(tmp_path, capsys):
+    logger = logging.getLogger("flare_c2f_test_logs")
+    logger.handlers[:] = [logging.StreamHandler()]  # created before: writes to the terminal's stderr
+    logger.propagate = False
+    with logs_to_file(tmp_path / "run.log"):
+        print("inside print")
+        logger.warning("inside log")
+        made_inside = logging.getLogger("flare_c2f_test_logs.inner")
+        made_inside.addHandler(logging.StreamHandler(__import__("sys").stdout))
+        made_inside.propagate = False
+        made_inside.warning("inner log")
+    print("outside print")
+    logger.warning("outside log")
+    made_inside.warning("inner outside")
+    captured = capsys.readouterr()
+    log = (tmp_path / "run.log").read_text()
+    assert "inside print" in log and "inside log" in log and "inner log" in log
+    assert "inside" not in captured.out.replace("outside", "") and "inside" not in captured.err.replace("outside", "")
+    assert "outside print" in captured.out and "outside log" in captured.err and "inner outside" in captured.out
+    assert "outside" not in log
