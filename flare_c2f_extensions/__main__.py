@@ -159,7 +159,7 @@ def segment(
     weights (seeded by ``--seed``) for timing. ``--stage_overrides`` takes config overrides per stage (JSON).
     Existing outputs are kept unless ``--overwrite``.
     """
-    from .data import InputError
+    from .errors import InputError
     from .segmenter import as_bool, run_segment
 
     try:
@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None):
 
     import fire
 
+    from .errors import start_run
+
+    start_run()  # one-line input errors, known noise silenced: for this run, never as an import's side effect
     fire.Fire(COMMANDS, command=expand_short_flags(sys.argv[1:] if argv is None else list(argv)))
 
 

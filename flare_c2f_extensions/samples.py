@@ -28,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .data import atomic_path, write_nifti_atomic
+from .files import atomic_path, write_nifti_atomic
 
 TOTALSEG_VERSION = "2.18.0"
 SDIST_NAME = f"totalsegmentator-{TOTALSEG_VERSION}.tar.gz"

@@ -12,9 +12,10 @@ import torch
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from conftest import BUNDLES, bundle_workflow
-from flare_c2f_extensions import data as data_module
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
-from flare_c2f_extensions.data import read_ct
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.images import read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.transforms import ResizeToGridd
 
@@ -56,7 +57,7 @@ def test_every_stage_is_loaded_once(random_cascade):
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
-    with pytest.raises(data_module.InputError, match="no weights for the coarse stage"):
+    with pytest.raises(InputError, match="no weights for the coarse stage"):
         Cascade.from_bundles(BUNDLES, device="cpu", stage_overrides={"coarse": {"bundle_root": str(tmp_path)}})
 
 
@@ -110,7 +111,7 @@ def test_a_bad_case_is_reported_and_the_others_finish(random_cascade, cohort, tm
     raw = (batch / good[0].name).read_bytes()
     (batch / "FLARE22_Ts_0000_0000.nii.gz").write_bytes(raw[: len(raw) // 2])  # truncated: sorts first
     out = tmp_path / "out"
-    report = CascadeRunner(random_cascade, data_module.find_images(batch), out, progress=False).run()
+    report = CascadeRunner(random_cascade, find_images(batch), out, progress=False).run()
     statuses = {case["case"]: case["status"] for case in report["cases"]}
     assert statuses == {"FLARE22_Ts_0000": "failed", "FLARE22_Ts_0001": "done", "FLARE22_Ts_0002": "done"}
     failed = next(case for case in report["cases"] if case["status"] == "failed")

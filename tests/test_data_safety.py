@@ -26,7 +26,10 @@ import torch
 from conftest import BUNDLES, REPO
 import flare_c2f_extensions.cascade as cascade_module
 from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner, load_stage
-from flare_c2f_extensions.data import InputError, find_images, image_geometry, qform_holds, read_ct, save_label_map
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.images import image_geometry, read_ct
+from flare_c2f_extensions.label_maps import qform_holds, save_label_map
 from flare_c2f_extensions.phantom import make_case
 from test_hostile_input import _cli
 from test_invariance import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401

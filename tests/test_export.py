@@ -182,7 +182,7 @@ def test_cascade_from_torchscript_stages_gives_the_same_labels(amp, bundles, coh
 
 def test_missing_torchscript_module_is_a_clear_error(bundles):
     from flare_c2f_extensions.cascade import load_stage
-    from flare_c2f_extensions.data import InputError
+    from flare_c2f_extensions.errors import InputError
 
     with pytest.raises(InputError, match="no TorchScript module for the coarse stage"):
         load_stage("coarse", bundles / "flare22_coarse", "cpu", {"ckpt_path": str(bundles / "nowhere.ts")})

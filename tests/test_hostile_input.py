@@ -2,7 +2,7 @@
 never a hang, never a partial output file, never harm to the other cases of a batch.
 
 Every hostile case runs in a batch beside a good case (``find_images`` + ``CascadeRunner``, as the cascade bundle
-runs them), and the good case must be written. Policies (``flare_c2f_extensions.data``): NaN voxels become air
+runs them), and the good case must be written. Policies (``flare_c2f_extensions.images``): NaN voxels become air
 and infinities the window's ends, with a warning (all non-finite is an error); 8-bit integer images are an error
 (a label map); a 16-bit image with no air gets a warning and is segmented; an unwritable output folder fails before
 any case runs. A few cases also go through ``python -m monai.bundle run`` with the cascade's inference.json.
@@ -25,7 +25,8 @@ import pytest
 
 from conftest import BUNDLES
 from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner
-from flare_c2f_extensions.data import InputError, find_images
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.phantom import make_case
 from test_invariance import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
@@ -403,7 +404,7 @@ def test_find_images_policies(good, tmp_path, caplog):
     with pytest.raises(InputError, match="must be a 3D volume"):  # nothing usable: an error at once
         find_images(folder)
     shutil.copy(good[0], folder / "good_0000.nii.gz")
-    with caplog.at_level(logging.WARNING, "flare_c2f_extensions.data"):
+    with caplog.at_level(logging.WARNING, "flare_c2f_extensions.inputs"):
         listed = [Path(item["image"]).name for item in find_images(folder)]
     assert listed == ["flat_0000.nii.gz", "good_0000.nii.gz"]  # the bad one fails later, on its own
     assert any("flat_0000.nii.gz" in record.getMessage() for record in caplog.records)

@@ -22,7 +22,8 @@ import torch
 
 from conftest import BUNDLES
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
-from flare_c2f_extensions.data import find_images, read_ct
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.images import read_ct
 from flare_c2f_extensions.phantom import make_case
 
 TINY_NET = {"network_def": {"channels": [4, 8, 8, 8, 8]}}

@@ -26,7 +26,7 @@ import torch
 from scipy import ndimage
 
 from flare_c2f_extensions.labels import NSD_TOLERANCE_MM, ORGAN_IDS, ORGANS, SLAB_ORGANS
-from flare_c2f_extensions.data import case_name, is_nifti
+from flare_c2f_extensions.discovery import case_name, is_nifti
 from flare_c2f_extensions.metrics import (
     evaluate_case,
     evaluate_folder,

@@ -107,7 +107,7 @@ def cohort6(tmp_path_factory):
 
 
 def test_torchrun_two_processes_train_on_disjoint_data_and_write_one_checkpoint(cohort6, tmp_path):
-    from flare_c2f_extensions.data import labelled_cases, split_cases
+    from flare_c2f_extensions.discovery import labelled_cases, split_cases
     from flare_c2f_extensions.networks import ResUNetASPP
 
     configs = BUNDLES / "flare22_coarse" / "configs"

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from flare_c2f_extensions.data import find_images, image_geometry, read_ct
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.images import image_geometry, read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.samples import TOTALSEG_TO_FLARE, SampleError, map_totalseg_to_flare, sample_ct
 from test_invariance import (  # noqa: F401  (no_hang: an autouse fixture)

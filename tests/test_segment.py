@@ -21,7 +21,7 @@ from PIL import Image
 import flare_c2f_extensions
 from conftest import REPO
 from flare_c2f_extensions.__main__ import main
-from flare_c2f_extensions.data import image_geometry
+from flare_c2f_extensions.images import image_geometry
 from flare_c2f_extensions.labels import ORGAN_IDS, ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, label_names
 from flare_c2f_extensions.phantom import make_case
 from flare_c2f_extensions.paths import STAGE_BUNDLES
@@ -206,7 +206,7 @@ def test_dicom_series_gives_the_same_organs_and_a_dicom_seg(series, cli_run, tmp
     import highdicom as hd
     import pydicom
 
-    from flare_c2f_extensions.data import _DicomSeries
+    from flare_c2f_extensions.dicom import DicomSeries
 
     out = tmp_path / "out"
     main(["segment", "-i", str(series), "-o", str(out), "--dicom_seg", "--statistics", *RANDOM])
@@ -218,7 +218,7 @@ def test_dicom_series_gives_the_same_organs_and_a_dicom_seg(series, cli_run, tmp
     assert json.loads((out / "abdomen.json").read_text()) == label_names()
 
     seg = hd.seg.segread(str(out / "abdomen_seg.dcm"))
-    files = _DicomSeries.read(series, pixels=False).files
+    files = DicomSeries.read(series, pixels=False).files
     sources = [pydicom.dcmread(str(path), stop_before_pixels=True) for path in files]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
     referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}

@@ -16,7 +16,8 @@ import torch
 from flare_c2f_extensions.__main__ import COMMANDS
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
 from flare_c2f_extensions.checkpoints import latest_state
-from flare_c2f_extensions.data import InputError, find_images
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.metrics import evaluate_folder, format_summary
 from flare_c2f_extensions.train import STAGES, done_marker, parse_overrides, select_stages, train_cascade
 
