@@ -38,23 +38,18 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
-from .data import (
-    InputError,
-    InputWarnings,
-    case_name,
-    finished_output,
-    image_geometry,
-    outputs_apart_from_inputs,
-    prepare_output_dir,
-    read_ct,
-    save_label_map,
-    write_text_atomic,
-)
+from .configs import read_stage_config
+from .discovery import case_name
+from .errors import InputError, InputWarnings
+from .files import finished_output, outputs_apart_from_inputs, prepare_output_dir, write_text_atomic
+from .images import image_geometry, read_ct
+from .label_maps import save_label_map
 from .efficiency import ResourceMonitor
 from .labels import GROUPS, ORGANS, organ_id
 from .paths import BUNDLES_DIR, STAGE_BUNDLES, bundles_dir as default_bundles_dir
 from .transforms import (
     CropFromMask,
+    affine_of as _affine_of,
     box_affine,
     box_slices,
     box_size,
@@ -105,32 +100,6 @@ def default_amp(device: torch.device) -> bool:
         return False
 
 
-def _load_stage_config(bundle_dir: str | os.PathLike, overrides: Mapping | None = None):
-    from monai.bundle import ConfigParser
-
-    bundle_dir = Path(bundle_dir)
-    config = bundle_dir / "configs" / "inference.json"
-    if not config.is_file():
-        raise InputError(f"{config}: stage bundle config does not exist")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(bundle_dir)
-    for key, value in _flatten(overrides or {}).items():
-        parser[key] = value
-    return parser
-
-
-def _flatten(overrides: Mapping, prefix: str = "") -> dict:
-    """``{"network_def": {"channels": [4, 8]}}`` -> ``{"network_def#channels": [4, 8]}`` (config ids)."""
-    flat = {}
-    for key, value in overrides.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}#"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def load_stage(
     name: str,
     bundle_dir: str | os.PathLike,
@@ -148,7 +117,7 @@ def load_stage(
     ``require_weights=False`` keeps the random (He-normal) initialisation when no checkpoint exists, for
     timing benchmarks; real use always loads weights.
     """
-    parser = _load_stage_config(bundle_dir, overrides)
+    parser = read_stage_config(bundle_dir, overrides, name)
     checkpoint = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
     if checkpoint.suffix == ".ts" and checkpoint.is_file():
         try:
@@ -345,10 +314,6 @@ def _fuse(probs: torch.Tensor, box, stage_labels: Sequence[int], labels, confide
     region_confidence[claim] = best_p[claim]
 
 
-def _affine_of(image: MetaTensor) -> np.ndarray:
-    return np.asarray(image.affine, dtype=np.float64)
-
-
 def _fov_affine_of(image: MetaTensor, grid: Sequence[int]) -> np.ndarray:
     """World affine of a grid of size ``grid`` spanning the image's field of view (what ``Resized`` records)."""
     return _affine_of(image) @ fov_affine(grid, image.shape[1:])
@@ -384,7 +349,7 @@ class CascadeRunner:
     memory-time area, CPU-time area; in the JSON also the input warnings, e.g. NaN voxels replaced, and the
     entries of the input folder that were ignored, with why). ``run()`` returns the report.
 
-    ``run()`` first refuses, with one :class:`~flare_c2f_extensions.data.InputError` before any case runs, an output
+    ``run()`` first refuses, with one :class:`~flare_c2f_extensions.errors.InputError` before any case runs, an output
     folder that cannot be created and written or whose outputs would overwrite an input or be taken for inputs on
     the next run (the input's own folder). Two inputs that would write the same output file (``a.nii`` and
     ``a.nii.gz``, or ``a_0000.nii.gz`` and a DICOM folder ``a``): the later one fails, the earlier one is written.

@@ -330,10 +330,12 @@ def paste_into(volume_shape: Sequence[int], box: Box, crop, mode: str = "nearest
     return out[0] if spatial else out
 
 
-def _affine_of(x, ndim: int) -> np.ndarray:
+def affine_of(x, ndim: int | None = None) -> np.ndarray:
+    """The float64 voxel-to-world affine of a MetaTensor (as ``ndim`` spatial dimensions if given), else identity."""
     if isinstance(x, MetaTensor):
-        return to_affine_nd(ndim, convert_to_numpy(x.affine, wrap_sequence=True)).astype(np.float64)
-    return np.eye(ndim + 1)
+        affine = convert_to_numpy(x.affine, wrap_sequence=True)
+        return (to_affine_nd(ndim, affine) if ndim else affine).astype(np.float64)
+    return np.eye((ndim or 3) + 1)
 
 
 def get_crop_box(x) -> Box | None:
@@ -437,7 +439,7 @@ class CropFromMask(InvertibleTransform):
         if grid == "affine":
             if not isinstance(mask, MetaTensor):
                 raise ValueError("mask_grid='affine' needs the mask as a MetaTensor with its affine")
-            return np.linalg.inv(_affine_of(img, nd)) @ _affine_of(mask, nd)
+            return np.linalg.inv(affine_of(img, nd)) @ affine_of(mask, nd)
         return fov_affine(m_shape, img_shape)
 
     def compute_box(self, img, mask, extra_margin_mm=None, shift_mm=None) -> Box | None:
@@ -453,7 +455,7 @@ class CropFromMask(InvertibleTransform):
         src_to_dst = self._mask_to_image(img, mask, img_shape)
         if src_to_dst is not None:
             tight = map_box(tight, src_to_dst, img_shape)
-        spacing = np.asarray(affine_to_spacing(_affine_of(img, nd), r=nd), dtype=np.float64)
+        spacing = np.asarray(affine_to_spacing(affine_of(img, nd), r=nd), dtype=np.float64)
         margin_mm = _per_side(self.margin_mm, nd, "margin_mm")
         if extra_margin_mm is not None:
             margin_mm = margin_mm + _per_side(extra_margin_mm, nd, "extra_margin_mm")
