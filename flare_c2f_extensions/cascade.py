@@ -60,6 +60,11 @@ from .transforms import (
 )
 from .weights import load_weights
 
+__all__ = [
+    "BUNDLES_DIR", "FAILED_CASES_EXIT_STATUS", "STAGE_BUNDLES", "Cascade", "CascadeRunner", "CaseResult", "Stage",
+    "default_amp", "load_stage", "segment_to_file",
+]
+
 logger = logging.getLogger(__name__)
 
 
@@ -328,12 +333,6 @@ def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir:
     result = cascade.segment(image_path)
     save_label_map(result.labels, image_path, output_dir)
     return result
-
-
-__all__ = [
-    "Cascade", "CaseResult", "Stage", "default_amp", "load_stage", "segment_to_file", "BUNDLES_DIR", "STAGE_BUNDLES",
-    "CascadeRunner", "FAILED_CASES_EXIT_STATUS",
-]
 
 
 FAILED_CASES_EXIT_STATUS = 3  # the process's exit status when a batch ran but some case failed (README, "Inputs")

@@ -19,6 +19,8 @@ from .dicom import DicomSeries
 from .errors import InputError
 from .labels import ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, SNOMED_LATERALITY
 
+__all__ = ["check_source", "dicom_seg", "segment_descriptions"]
+
 SERIES_NUMBER = 9901  # a series number unlikely to clash with the scanner's
 # Type 2 attributes (present, may be empty) that a SEG copies from its source images; anonymised series often lack
 # them, so they are added empty to the in-memory copies (the input files are not touched).
@@ -109,6 +111,3 @@ def dicom_seg(labels: np.ndarray, series_folder: str | os.PathLike, organs: Sequ
         device_serial_number="none",
         series_description="flare-c2f organs",
     )
-
-
-__all__ = ["check_source", "dicom_seg", "segment_descriptions"]

@@ -27,6 +27,8 @@ import torch
 from .configs import flatten_overrides, read_stage_config
 from .weights import load_weights
 
+__all__ = ["bundle_checkpoints", "compare", "export_bundle", "export_checkpoint"]
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("ts", "onnx")
@@ -128,6 +130,3 @@ def export_bundle(
     if not checkpoints:
         raise FileNotFoundError(f"{Path(bundle_dir) / 'models'}: no *.pt checkpoint to export (train the bundle first)")
     return [export_checkpoint(bundle_dir, c, formats, out_dir, overrides, check, seed) for c in checkpoints]
-
-
-__all__ = ["bundle_checkpoints", "compare", "export_bundle", "export_checkpoint"]

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+__all__ = [
+    "GROUPS", "NSD_TOLERANCE_MM", "NUM_CLASSES", "NUM_ORGANS", "ORGANS", "ORGAN_IDS", "REFINER_MIN_SIZE_MM",
+    "SLAB_ORGANS", "SNOMED_ANATOMICAL_STRUCTURE", "SNOMED_CT", "SNOMED_LATERALITY", "channel_def", "group_of",
+    "label_names", "organ_id",
+]
+
 # FLARE22 label id -> organ name.
 ORGANS = MappingProxyType(
     {

@@ -9,6 +9,8 @@ from monai.networks.blocks import SimpleASPP, UnetOutBlock, UnetResBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
+__all__ = ["PAPER_CHANNELS", "ResUNetASPP", "count_flops", "count_parameters", "describe"]
+
 # Default widths, chosen to match the paper's size (15.17 M parameters, 93.43 G at 128^3): they give
 # 15.19 M parameters and 93.77 G multiply-adds at 128^3 (`python -m flare_c2f_extensions network_info`).
 PAPER_CHANNELS = (12, 24, 64, 192, 384)

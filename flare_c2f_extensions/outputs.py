@@ -36,6 +36,11 @@ from .images import image_geometry, read_voxels
 from .label_maps import label_map_image
 from .labels import ORGANS, label_names
 
+__all__ = [
+    "itksnap_labels", "named_label_image", "organ_statistics", "preview_rgb", "read_hu", "slicer_color_table",
+    "statistics_csv", "stem_of", "write_case",
+]
+
 STATISTICS_COLUMNS = ("organ", "id", "voxel_count", "volume_ml", "mean_hu", "median_hu", "touches_border")
 
 
@@ -221,7 +226,3 @@ def _move_into_place(staging: Path, folder: Path, names: Sequence[str]) -> list[
         os.replace(source, destination)
         moved.append(destination)
     return moved
-
-
-__all__ = ["itksnap_labels", "named_label_image", "organ_statistics", "preview_rgb", "read_hu", "slicer_color_table",
-           "statistics_csv", "stem_of", "write_case"]

@@ -38,6 +38,11 @@ from pathlib import Path, PurePosixPath
 
 from .paths import BUNDLES_DIR
 
+__all__ = [
+    "ReleaseError", "download_release", "pack", "pack_bundle", "read_version", "sha256_of", "verify_release",
+    "write_sidecar",
+]
+
 logger = logging.getLogger(__name__)
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
@@ -448,15 +453,3 @@ def download_release(
                 raise ReleaseError(f"{url}: cannot download a file of {LARGE_FILES} ({error})") from error
         os.replace(staging / name, target)
     return target
-
-
-__all__ = [
-    "ReleaseError",
-    "download_release",
-    "pack",
-    "pack_bundle",
-    "read_version",
-    "sha256_of",
-    "verify_release",
-    "write_sidecar",
-]

@@ -30,6 +30,11 @@ import numpy as np
 
 from .files import atomic_path, write_nifti_atomic
 
+__all__ = [
+    "TOTALSEG_TO_FLARE", "SampleCT", "SampleError", "cache_dir", "map_totalseg_to_flare", "sample_ct",
+    "write_sample_dataset",
+]
+
 TOTALSEG_VERSION = "2.18.0"
 SDIST_NAME = f"totalsegmentator-{TOTALSEG_VERSION}.tar.gz"
 IMAGE_MEMBER = "tests/reference_files/example_ct.nii.gz"
@@ -167,7 +172,3 @@ def write_sample_dataset(out: str | os.PathLike, cache: str | os.PathLike | None
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
     return paths
-
-
-__all__ = ["SampleCT", "SampleError", "TOTALSEG_TO_FLARE", "cache_dir", "map_totalseg_to_flare", "sample_ct",
-           "write_sample_dataset"]

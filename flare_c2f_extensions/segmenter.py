@@ -30,6 +30,11 @@ from .label_maps import label_map_image
 from .labels import GROUPS, ORGAN_IDS, ORGANS
 from .paths import STAGE_BUNDLES, bundles_dir as default_bundles_dir
 
+__all__ = [
+    "Segmenter", "as_bool", "as_mapping", "load_cascade", "parse_organs", "plan_targets", "resolve_inputs",
+    "run_segment", "segment", "stage_sources",
+]
+
 logger = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS_HINT = "--require_weights false"
@@ -525,9 +530,3 @@ def _case_line(case: dict, number: int, total: int) -> str:
     if status == "exists":
         return f"[{number}/{total}] {case['case']}: {case['output']} exists, skipped (--overwrite to redo it)"
     return f"[{number}/{total}] {case['case']}: failed: {case['error']}"
-
-
-__all__ = [
-    "Segmenter", "as_bool", "as_mapping", "load_cascade", "parse_organs", "plan_targets", "resolve_inputs",
-    "run_segment", "segment", "stage_sources",
-]

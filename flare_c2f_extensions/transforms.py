@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
 import cc3d
@@ -19,6 +21,14 @@ from monai.utils import TraceKeys, TransformBackends, convert_to_numpy, convert_
 from monai.utils.misc import fall_back_tuple
 
 from .labels import ORGANS
+
+__all__ = [
+    "BOX_META_KEY", "RENAMED_KEYWORDS", "SKIPPED_META_KEY", "ClearIfSkippedd", "ClipIntensity", "ClipIntensityd",
+    "CropFromMask", "CropFromMaskd", "KeepLargestComponent", "KeepLargestComponentd", "RandCropFromMask",
+    "RandCropFromMaskd", "RemapLabels", "RemapLabelsd", "ResizeToGridd", "affine_of", "box_affine", "box_from_mask",
+    "box_size", "box_slices", "crop_resize", "expand_box", "fov_affine", "get_crop_box", "keep_largest_component",
+    "label_names", "map_box", "paste_into", "remap_labels", "resize_spatial", "soft_labels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -354,18 +364,36 @@ def get_crop_box(x) -> Box | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+RENAMED_KEYWORDS = {"labels": "box_labels", "soft_classes": "target_labels"}  # 0.1.0 names, accepted until 0.2.0
+
+
+def _renamed_keywords(init):
+    """Accept the crop transforms' 0.1.0 keywords (``labels``, ``soft_classes``) with a FutureWarning."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        for old, new in RENAMED_KEYWORDS.items():
+            if old in kwargs:
+                warnings.warn(f"{type(self).__name__}: {old}= is now {new}=", FutureWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+        return init(self, *args, **kwargs)
+
+    return wrapper
+
+
 class CropFromMask(InvertibleTransform):
     """Crop the box of some labels of a mask (plus a margin in mm) from an image and resize it to a fixed grid.
 
     Args:
-        labels: FLARE ids whose union defines the box, e.g. ``GROUPS["solid"]``; ``None`` for any nonzero label.
+        box_labels: FLARE ids whose union defines the box, e.g. ``GROUPS["solid"]``; ``None`` for any nonzero
+            label.
         spatial_size: the fixed output grid, e.g. 160 or (160, 160, 160); non-positive entries keep the box size.
         margin_mm: margin added on each side of the tight box, in millimetres (scalar, per axis, or per axis and
             side); converted with the image's spacing (from its affine) and rounded up to whole voxels.
         min_size_mm: optional per-axis minimum box size in millimetres; a smaller box grows about the organ's
             centre (and slides inside the volume at the border).
         mode: interpolation of the crop: ``"trilinear"`` for images, ``"nearest"`` for label maps, ``"soft"`` for
-            training targets: a FLARE-id label map becomes background + ``soft_classes`` (default ``labels``; the
+            training targets: a FLARE-id label map becomes background + ``target_labels`` (default ``box_labels``; the
             locator crops the box of all foreground but learns only the small organs) one-hot inside the crop and is
             resized linearly, so the target holds the fraction of each class in each output voxel. A network
             trained on soft targets and fused linearly (as the cascade does) keeps organ boundaries that a hard
@@ -383,7 +411,7 @@ class CropFromMask(InvertibleTransform):
     mask's grid, mapped to the image's voxel grid (a coarse voxel counts with its whole extent), grown by the
     margin and the minimum size, and clamped to the volume. Only the crop is resampled.
 
-    Skipping: when the mask holds none of ``labels``, nothing is raised; the box becomes the whole volume (so
+    Skipping: when the mask holds none of ``box_labels``, nothing is raised; the box becomes the whole volume (so
     the output still has ``spatial_size`` and still inverts exactly), the output's meta gets
     ``crop_skipped=True`` and the recorded operation ``skipped=True``, and a warning
     ``"no <organs> in mask: stage skipped"`` is logged. :func:`get_crop_box` then returns ``None``.
@@ -398,18 +426,19 @@ class CropFromMask(InvertibleTransform):
 
     backend = [TransformBackends.TORCH]
 
+    @_renamed_keywords
     def __init__(
         self,
-        labels: Sequence[int] | None = None,
+        box_labels: Sequence[int] | None = None,
         spatial_size: Sequence[int] | int = 160,
         margin_mm=0.0,
         min_size_mm: Sequence[float] | float | None = None,
         mode: str = "trilinear",
         mask_grid: str = "auto",
-        soft_classes: Sequence[int] | None = None,
+        target_labels: Sequence[int] | None = None,
     ):
-        self.labels = None if labels is None else tuple(int(v) for v in labels)
-        self.soft_classes = self.labels if soft_classes is None else tuple(int(v) for v in soft_classes)
+        self.box_labels = None if box_labels is None else tuple(int(v) for v in box_labels)
+        self.target_labels = self.box_labels if target_labels is None else tuple(int(v) for v in target_labels)
         self.spatial_size = spatial_size
         self.margin_mm = margin_mm
         self.min_size_mm = min_size_mm
@@ -449,7 +478,7 @@ class CropFromMask(InvertibleTransform):
         """
         img_shape = tuple(int(s) for s in img.shape[1:])
         nd = len(img_shape)
-        tight = box_from_mask(_spatial_mask(mask, nd), self.labels)
+        tight = box_from_mask(_spatial_mask(mask, nd), self.box_labels)
         if tight is None:
             return None
         src_to_dst = self._mask_to_image(img, mask, img_shape)
@@ -467,7 +496,7 @@ class CropFromMask(InvertibleTransform):
         return expand_box(tight, img_shape, margin_vox, min_vox, shift_vox)
 
     def warn_skipped(self) -> None:
-        logger.warning("no %s in mask: stage skipped", label_names(self.labels))
+        logger.warning("no %s in mask: stage skipped", label_names(self.box_labels))
 
     # -- forward / inverse ----------------------------------------------------------------------------------------
 
@@ -482,7 +511,7 @@ class CropFromMask(InvertibleTransform):
         out_size = tuple(int(s) for s in fall_back_tuple(wanted, box_size(box)))
         mode = self.mode if mode is None else mode
         if mode == "soft":
-            data = soft_labels(img_t[(slice(None),) + box_slices(box)], self.soft_classes)
+            data = soft_labels(img_t[(slice(None),) + box_slices(box)], self.target_labels)
             data = resize_spatial(data, out_size, "trilinear")
         else:
             data = crop_resize(img_t, box, out_size, mode)
@@ -565,9 +594,10 @@ class _BoxJitter(RandomizableTransform):
 class RandCropFromMask(_BoxJitter, CropFromMask):
     """:class:`CropFromMask` with a random jitter of the box's margin and position (training)."""
 
+    @_renamed_keywords
     def __init__(
         self,
-        labels: Sequence[int] | None = None,
+        box_labels: Sequence[int] | None = None,
         spatial_size: Sequence[int] | int = 160,
         margin_mm=0.0,
         min_size_mm: Sequence[float] | float | None = None,
@@ -576,9 +606,12 @@ class RandCropFromMask(_BoxJitter, CropFromMask):
         jitter_margin_mm=0.0,
         jitter_shift_mm=0.0,
         prob: float = 1.0,
-        soft_classes: Sequence[int] | None = None,
+        target_labels: Sequence[int] | None = None,
     ):
-        CropFromMask.__init__(self, labels, spatial_size, margin_mm, min_size_mm, mode, mask_grid, soft_classes)
+        CropFromMask.__init__(
+            self, box_labels=box_labels, spatial_size=spatial_size, margin_mm=margin_mm, min_size_mm=min_size_mm,
+            mode=mode, mask_grid=mask_grid, target_labels=target_labels,
+        )
         self._init_jitter(jitter_margin_mm, jitter_shift_mm, prob)
 
     def __call__(self, img, mask, mode: str | None = None, randomize: bool = True) -> torch.Tensor:
@@ -605,11 +638,12 @@ class CropFromMaskd(MapTransform, InvertibleTransform):
 
     backend = CropFromMask.backend
 
+    @_renamed_keywords
     def __init__(
         self,
         keys: KeysCollection,
         mask_key: str,
-        labels: Sequence[int] | None = None,
+        box_labels: Sequence[int] | None = None,
         spatial_size: Sequence[int] | int = 160,
         margin_mm=0.0,
         min_size_mm: Sequence[float] | float | None = None,
@@ -618,14 +652,15 @@ class CropFromMaskd(MapTransform, InvertibleTransform):
         box_key: str | None = BOX_META_KEY,
         skipped_key: str | None = SKIPPED_META_KEY,
         allow_missing_keys: bool = False,
-        soft_classes: Sequence[int] | None = None,
+        target_labels: Sequence[int] | None = None,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.mask_key = mask_key
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         self.box_key, self.skipped_key = box_key, skipped_key
         self.cropper = CropFromMask(
-            labels, spatial_size, margin_mm, min_size_mm, self.mode[0], mask_grid, soft_classes
+            box_labels=box_labels, spatial_size=spatial_size, margin_mm=margin_mm, min_size_mm=min_size_mm,
+            mode=self.mode[0], mask_grid=mask_grid, target_labels=target_labels,
         )
 
     def _jitter(self, ndim: int):
@@ -665,11 +700,12 @@ class RandCropFromMaskd(_BoxJitter, CropFromMaskd):
     ``monai.utils.set_determinism`` (through ``Compose``).
     """
 
+    @_renamed_keywords
     def __init__(
         self,
         keys: KeysCollection,
         mask_key: str,
-        labels: Sequence[int] | None = None,
+        box_labels: Sequence[int] | None = None,
         spatial_size: Sequence[int] | int = 160,
         margin_mm=0.0,
         min_size_mm: Sequence[float] | float | None = None,
@@ -681,11 +717,12 @@ class RandCropFromMaskd(_BoxJitter, CropFromMaskd):
         box_key: str | None = BOX_META_KEY,
         skipped_key: str | None = SKIPPED_META_KEY,
         allow_missing_keys: bool = False,
-        soft_classes: Sequence[int] | None = None,
+        target_labels: Sequence[int] | None = None,
     ):
         CropFromMaskd.__init__(
-            self, keys, mask_key, labels, spatial_size, margin_mm, min_size_mm, mode, mask_grid, box_key,
-            skipped_key, allow_missing_keys, soft_classes,
+            self, keys, mask_key, box_labels=box_labels, spatial_size=spatial_size, margin_mm=margin_mm,
+            min_size_mm=min_size_mm, mode=mode, mask_grid=mask_grid, box_key=box_key, skipped_key=skipped_key,
+            allow_missing_keys=allow_missing_keys, target_labels=target_labels,
         )
         self._init_jitter(jitter_margin_mm, jitter_shift_mm, prob)
 

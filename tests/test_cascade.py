@@ -53,7 +53,7 @@ def test_entry_network_matches_metadata():
 def test_every_stage_is_loaded_once(random_cascade):
     assert [s.name for s in random_cascade.groups] == ["solid", "digestive", "vessels"]
     assert [s.labels for s in random_cascade.refiners] == [(7,), (8,), (9,), (10,)]
-    assert random_cascade.locator.cropper.labels is None  # the abdomen ROI: all coarse foreground
+    assert random_cascade.locator.cropper.box_labels is None  # the abdomen ROI: all coarse foreground
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
