@@ -148,9 +148,6 @@ def organ_scores(
         mask_p = pred[box] == label
         mask_g = gt[box] == label
         size_p, size_g = int(mask_p.sum()), int(mask_g.sum())
-        if size_p + size_g == 0:  # unreachable after the checks above; kept as the division guard
-            scores[label] = (1.0, 1.0)
-            continue
         dsc = 2.0 * int(np.logical_and(mask_p, mask_g).sum()) / (size_p + size_g)
         if dsc < NSD_MIN_DSC:
             nsd = 0.0

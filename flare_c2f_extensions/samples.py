@@ -45,7 +45,7 @@ MEMBER_SHA256 = {
     LABEL_MEMBER: "e8097758e56e73099075b6caaebce23ef11bc6fad66a4ec3753b9406846558c7",
 }
 
-# TotalSegmentator v2 id -> FLARE22 id (DESIGN.md, "Data"); every other TotalSegmentator structure becomes 0.
+# TotalSegmentator v2 id -> FLARE22 id (labels.ORGANS); every other TotalSegmentator structure becomes 0.
 TOTALSEG_TO_FLARE = {5: 1, 2: 2, 1: 3, 7: 4, 52: 5, 63: 6, 8: 7, 9: 8, 4: 9, 15: 10, 6: 11, 19: 12, 3: 13}
 
 CASE = "example"  # FLARE-style names: imagesTs/example_0000.nii.gz, labelsTs/example.nii.gz
