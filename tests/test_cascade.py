@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from conftest import BUNDLES, bundle_workflow
+from helpers import BUNDLES, TINY_CHANNELS, TINY_STAGES, bundle_workflow
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
 from flare_c2f_extensions.discovery import find_images
 from flare_c2f_extensions.errors import InputError
@@ -21,15 +21,6 @@ from flare_c2f_extensions.transforms import ResizeToGridd
 
 BUNDLE = "flare22_cascade"
 CONFIGS = BUNDLES / BUNDLE / "configs"
-TINY_NET = {"network_def": {"channels": [4, 8, 8, 8, 8]}}
-TINY_STAGES = {
-    "coarse": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "solid": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "digestive": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "vessels": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "locator": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "refiner": {**TINY_NET, "spatial_size": [32, 32, 32]},
-}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +37,7 @@ def test_metadata_matches_schema(schema):
 def test_entry_network_matches_metadata():
     verify_net_in_out(
         net_id="network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.json"),
-        device="cpu", n=1, **{"network_def#channels": [4, 8, 8, 8, 8]},
+        device="cpu", n=1, **{"network_def#channels": TINY_CHANNELS},
     )
 
 

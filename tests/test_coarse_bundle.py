@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from conftest import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
+from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 
 BUNDLE = "flare22_coarse"
 CONFIGS = BUNDLES / BUNDLE / "configs"

@@ -18,7 +18,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from monai.utils import set_determinism
 
-from conftest import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
+from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 from flare_c2f_extensions.discovery import labelled_cases
 from flare_c2f_extensions.errors import InputError, input_error_in
 from flare_c2f_extensions.labels import GROUPS, ORGANS, channel_def

@@ -15,24 +15,20 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLES
 from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner
 from flare_c2f_extensions.discovery import find_images
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.phantom import make_case
-from test_invariance import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
-from test_real_ct import write_dicom_series
+from helpers import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
+from helpers import run_cascade_cli, write_dicom_series
 
-CLI_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
@@ -417,19 +413,6 @@ def test_find_images_policies(good, tmp_path, caplog):
 # -- the same through the command line -----------------------------------------------------------------------------
 
 
-def _cli(dataset_dir: Path, output_dir: Path) -> subprocess.CompletedProcess:
-    bundle = BUNDLES / "flare22_cascade"
-    command = [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str(bundle / "configs" / "inference.json"),
-        "--bundle_root", str(bundle), "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir),
-        "--device", "cpu", "--require_weights", "False", "--progress", "False",
-        "--stage_overrides", repr(TINY_STAGES),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as conftest sets for the tests
-    return subprocess.run(command, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=bundle, env=env)
-
-
 def test_cli_batch_with_hostile_cases(good, tmp_path):
     """The bundle's command on a folder of good, DICOM and hostile inputs: the bad ones fail alone, the rest is
     written, efficiency.json says which failed and why, and the command ends with the failed-cases exit status
@@ -447,7 +430,7 @@ def test_cli_batch_with_hostile_cases(good, tmp_path):
     save(image[:, :, :3], affine, folder / "thin_0000.nii.gz", np.int16)
     save((image > 0).astype(np.uint8), affine, folder / "label_0000.nii.gz", np.uint8)
     out = tmp_path / "out"
-    result = _cli(tmp_path, out)
+    result = run_cascade_cli(tmp_path, out)
     assert result.returncode == FAILED_CASES_EXIT_STATUS, result.stderr[-3000:]
     report = json.loads((out / "efficiency.json").read_text())
     statuses = {case["case"]: case["status"] for case in report["cases"]}
@@ -471,7 +454,7 @@ def test_cli_unwritable_output_is_one_clear_error(good, tmp_path):
     shutil.copy(good[0], folder / "good_0000.nii.gz")
     (tmp_path / "blocker").write_text("a regular file")
     output = tmp_path / "blocker" / "out"
-    result = _cli(tmp_path, output)
+    result = run_cascade_cli(tmp_path, output)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr

@@ -13,7 +13,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from conftest import BUNDLES, TINY_TRAIN, bundle_workflow
+from helpers import BUNDLES, TINY_TRAIN, bundle_workflow
 from flare_c2f_extensions.cascade import STAGE_BUNDLES
 
 TRAINABLE = list(STAGE_BUNDLES.values())

@@ -19,26 +19,12 @@ import torch
 from PIL import Image
 
 import flare_c2f_extensions
-from conftest import REPO
+from helpers import REPO, TINY_STAGES, write_phantom
 from flare_c2f_extensions.__main__ import main
 from flare_c2f_extensions.images import image_geometry
 from flare_c2f_extensions.labels import ORGAN_IDS, ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, label_names
-from flare_c2f_extensions.phantom import make_case
-from flare_c2f_extensions.paths import STAGE_BUNDLES
 
-TINY_NET = {"network_def": {"channels": [4, 8, 8, 8, 8]}, "spatial_size": [32, 32, 32]}
-TINY_STAGES = {name: TINY_NET for name in STAGE_BUNDLES}
 RANDOM = ["--require_weights", "false", "--threads", "1", "--stage_overrides", json.dumps(TINY_STAGES)]
-
-
-def write_phantom(path: Path, seed: int = 3, orientation: str = "LPS") -> Path:
-    case = make_case(seed, shape=(48, 48, 32), orientation=orientation)
-    image = nib.Nifti1Image(case.image, case.affine)
-    image.set_qform(case.affine, 1)
-    image.set_sform(case.affine, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
-    return path
 
 
 def write_series(image_path: Path, folder: Path) -> Path:
@@ -46,7 +32,7 @@ def write_series(image_path: Path, folder: Path) -> Path:
     import pydicom
     from pydicom.uid import generate_uid
 
-    from test_real_ct import write_dicom_series
+    from helpers import write_dicom_series
 
     write_dicom_series(nib.load(str(image_path)), folder)
     frame = generate_uid()
@@ -189,7 +175,7 @@ def test_weights_folder_is_found(phantom, tmp_path):
     weights = tmp_path / "trained"
     torch.manual_seed(1)
     for stage, bundle in [("coarse", "flare22_coarse"), ("solid", "flare22_fine_solid")]:
-        network = load_stage(stage, REPO / "bundles" / bundle, "cpu", TINY_NET, require_weights=False).network
+        network = load_stage(stage, REPO / "bundles" / bundle, "cpu", TINY_STAGES[stage], require_weights=False).network
         (weights / bundle / "models").mkdir(parents=True)
         torch.save(network.state_dict(), weights / bundle / "models" / "model.pt")
     segmenter = flare_c2f_extensions.segmenter.Segmenter(

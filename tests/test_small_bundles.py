@@ -20,7 +20,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from conftest import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
+from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 from flare_c2f_extensions.discovery import labelled_cases
 from flare_c2f_extensions.labels import GROUPS, ORGAN_IDS, ORGANS, REFINER_MIN_SIZE_MM, channel_def
 
