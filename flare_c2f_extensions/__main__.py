@@ -14,7 +14,9 @@ def network_info(spatial_size: int = 128, channels=None, blocks_per_level: int =
     """Parameter count and FLOPs of the ResUNet-ASPP (defaults: the paper-size network)."""
     from .networks import PAPER_CHANNELS, describe
 
-    return describe(spatial_size, channels=channels or PAPER_CHANNELS, blocks_per_level=blocks_per_level, out_channels=out_channels)
+    return describe(
+        spatial_size, channels=channels or PAPER_CHANNELS, blocks_per_level=blocks_per_level, out_channels=out_channels
+    )
 
 
 def evaluate(pred: str, gt: str, out: str):
@@ -79,7 +81,8 @@ def pack(
     ``--bundles flare22_coarse,flare22_cascade`` (default: all); ``--weights inside`` (models/ in the zip) or
     ``--weights large_files --weights_url URL`` (weights beside the zips, listed with sha256 in large_files.yml).
     """
-    from .release import ReleaseError, pack as run
+    from .release import ReleaseError
+    from .release import pack as run
 
     try:
         items = run(out, bundles, weights, weights_url, bundles_dir)
@@ -97,7 +100,8 @@ def _hex(sha256):
 def verify_release(zip: str, sha256: str | None = None, name: str | None = None):
     """Check a release zip before extracting it: sha256 (``--sha256`` or the ``.sha256`` sidecar), CRCs, and that
     every entry stays inside its bundle folder. Exits non-zero with the reason if it is refused."""
-    from .release import ReleaseError, verify_release as run
+    from .release import ReleaseError
+    from .release import verify_release as run
 
     try:
         report = run(zip, _hex(sha256), name)
@@ -110,7 +114,8 @@ def verify_release(zip: str, sha256: str | None = None, name: str | None = None)
 def download_release(url: str, bundle_dir: str = ".", sha256: str | None = None, name: str | None = None):
     """Download a release zip, verify it (``--sha256`` or ``<url>.sha256``), fetch its hash-checked large files,
     and only then put ``<name>/`` into ``bundle_dir``."""
-    from .release import ReleaseError, download_release as run
+    from .release import ReleaseError
+    from .release import download_release as run
 
     try:
         print(run(url, bundle_dir, _hex(sha256), name))
@@ -183,7 +188,8 @@ def segment(
 
         for case in failed:
             print(f"error: {case['error']}", file=sys.stderr)
-        print(f"error: {len(failed)} of {len(report['cases'])} case(s) failed (see {report['report']})", file=sys.stderr)
+        total = len(report["cases"])
+        print(f"error: {len(failed)} of {total} case(s) failed (see {report['report']})", file=sys.stderr)
         raise SystemExit(FAILED_CASES_EXIT_STATUS)
 
 

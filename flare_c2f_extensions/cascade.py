@@ -40,23 +40,26 @@ from tqdm.auto import tqdm
 
 from .configs import read_stage_config
 from .discovery import case_name
+from .efficiency import ResourceMonitor
 from .errors import InputError, InputWarnings
 from .files import finished_output, outputs_apart_from_inputs, prepare_output_dir, write_text_atomic
 from .images import image_geometry, read_ct
 from .label_maps import save_label_map
-from .efficiency import ResourceMonitor
 from .labels import GROUPS, ORGANS, organ_id
-from .paths import BUNDLES_DIR, STAGE_BUNDLES, bundles_dir as default_bundles_dir
+from .paths import BUNDLES_DIR, STAGE_BUNDLES
+from .paths import bundles_dir as default_bundles_dir
 from .transforms import (
     CropFromMask,
-    affine_of as _affine_of,
     box_affine,
-    box_slices,
     box_size,
+    box_slices,
     crop_resize,
     fov_affine,
     keep_largest_component,
     resize_spatial,
+)
+from .transforms import (
+    affine_of as _affine_of,
 )
 from .weights import load_weights
 
@@ -146,7 +149,8 @@ def load_stage(
     # the organs whose box the stage crops: its own, unless the bundle says otherwise (the locator: all foreground)
     box_labels = parser.get_parsed_content("roi_labels") if "roi_labels" in parser else labels
     min_size = parser.get_parsed_content("min_size_mm") if "min_size_mm" in parser else None
-    cropper = CropFromMask(box_labels, spatial_size, parser.get_parsed_content("margin_mm"), min_size, mask_grid="affine")
+    margin = parser.get_parsed_content("margin_mm")
+    cropper = CropFromMask(box_labels, spatial_size, margin, min_size, mask_grid="affine")
     return Stage(name, network, spatial_size, labels, cropper)
 
 
@@ -482,6 +486,7 @@ def _write_report(report: dict, output_dir: Path, name: str) -> None:
     writer.writerow(columns + [f"{stage}_seconds" for stage in stages] + ["error"])
     for case in report["cases"]:
         times = case.get("stage_seconds", {})
-        writer.writerow([case.get(c, "") for c in columns] + [times.get(s, "") for s in stages] + [case.get("error", "")])
+        row = [case.get(c, "") for c in columns] + [times.get(s, "") for s in stages] + [case.get("error", "")]
+        writer.writerow(row)
     write_text_atomic(table.getvalue(), output_dir / f"{name}.csv")
     write_text_atomic(json.dumps(report, indent=4) + "\n", output_dir / f"{name}.json")

@@ -81,11 +81,16 @@ class ResUNetASPP(nn.Module):
         )
         self.upsample = nn.ModuleList(
             [
-                get_conv_layer(spatial_dims, channels[i + 1], channels[i], 2, 2, act=None, norm=None, conv_only=True, is_transposed=True)
+                get_conv_layer(
+                    spatial_dims, channels[i + 1], channels[i], 2, 2, act=None, norm=None, conv_only=True,
+                    is_transposed=True,
+                )
                 for i in reversed(range(self.num_levels))
             ]
         )
-        self.decoder = nn.ModuleList([res_blocks(2 * channels[i], channels[i], 1) for i in reversed(range(self.num_levels))])
+        self.decoder = nn.ModuleList(
+            [res_blocks(2 * channels[i], channels[i], 1) for i in reversed(range(self.num_levels))]
+        )
         self.head = UnetOutBlock(spatial_dims, channels[0], out_channels)
         self.apply(_he_normal)
 

@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
 FILE_MODE = 0o644
-EXCLUDED_TOP_DIRS = {"eval", "runs", "mlruns", "logs", "train_state"}  # outputs written inside a bundle by its configs and by `train`
+# outputs written inside a bundle by its configs and by `train`
+EXCLUDED_TOP_DIRS = {"eval", "runs", "mlruns", "logs", "train_state"}
 EXCLUDED_DIRS = {"__pycache__"}
 EXCLUDED_SUFFIXES = {".pyc", ".pyo", ".zip", ".sha256", ".tmp", ".swp"}
 WEIGHTS_DIR = "models"

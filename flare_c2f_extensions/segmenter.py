@@ -28,7 +28,8 @@ import numpy as np
 from .errors import InputError
 from .label_maps import label_map_image
 from .labels import GROUPS, ORGAN_IDS, ORGANS
-from .paths import STAGE_BUNDLES, bundles_dir as default_bundles_dir
+from .paths import STAGE_BUNDLES
+from .paths import bundles_dir as default_bundles_dir
 
 __all__ = [
     "Segmenter", "as_bool", "as_mapping", "load_cascade", "parse_organs", "plan_targets", "resolve_inputs",
@@ -472,8 +473,8 @@ def run_segment(
 
 def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, collect, what: dict) -> list[dict]:
     from .discovery import case_name
-    from .errors import input_error_in
     from .efficiency import ResourceMonitor
+    from .errors import input_error_in
     from .outputs import write_case
 
     cases, claimed = [], {}

@@ -9,7 +9,6 @@ import torch
 
 from helpers import SCHEMA_ENV
 
-
 # one thread: the tests' tiny networks gain nothing from two, and one keeps runs repeatable under load
 torch.set_num_threads(1)
 

@@ -20,9 +20,8 @@ import torch
 
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
 from flare_c2f_extensions.discovery import find_images
-from flare_c2f_extensions.phantom import make_case
 from flare_c2f_extensions.paths import STAGE_BUNDLES
-
+from flare_c2f_extensions.phantom import make_case
 from flare_c2f_extensions.quickstart import bundle_workflow  # noqa: F401  (the tests run bundles the quickstart's way)
 
 REPO = Path(__file__).resolve().parents[1]

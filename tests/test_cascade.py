@@ -11,13 +11,14 @@ import pytest
 import torch
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from helpers import BUNDLES, TINY_CHANNELS, TINY_STAGES, bundle_workflow
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
 from flare_c2f_extensions.discovery import find_images
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.images import read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.transforms import ResizeToGridd
+
+from helpers import BUNDLES, TINY_CHANNELS, TINY_STAGES, bundle_workflow
 
 BUNDLE = "flare22_cascade"
 CONFIGS = BUNDLES / BUNDLE / "configs"
@@ -146,7 +147,8 @@ def test_bundle_runs_the_monai_way(cohort, tmp_path):
     assert not workflow.check_properties()
     workflow.run()
     workflow.finalize()
-    assert sorted(p.name for p in tmp_path.glob("FLARE22_Ts_*.nii.gz")) == ["FLARE22_Ts_0001.nii.gz", "FLARE22_Ts_0002.nii.gz"]
+    written = sorted(p.name for p in tmp_path.glob("FLARE22_Ts_*.nii.gz"))
+    assert written == ["FLARE22_Ts_0001.nii.gz", "FLARE22_Ts_0002.nii.gz"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_cases"] == 2 and len(summary["organs"]) == 13
 

@@ -48,7 +48,8 @@ def test_train_writes_checkpoint(trained):
 
 
 def test_evaluate_overlay_runs_on_checkpoint(trained, cohort):
-    workflow = bundle_workflow(BUNDLE, ["train.json", "evaluate.json"], "eval", trained, dataset_dir=str(cohort), **TINY_TRAIN)
+    configs = ["train.json", "evaluate.json"]
+    workflow = bundle_workflow(BUNDLE, configs, "eval", trained, dataset_dir=str(cohort), **TINY_TRAIN)
     workflow.initialize()
     assert not workflow.check_properties()
     workflow.run()

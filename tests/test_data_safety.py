@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BUNDLES, REPO
 import flare_c2f_extensions.cascade as cascade_module
 from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner, load_stage
 from flare_c2f_extensions.discovery import find_images
@@ -31,8 +30,18 @@ from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.images import image_geometry, read_ct
 from flare_c2f_extensions.label_maps import qform_holds, save_label_map
 from flare_c2f_extensions.phantom import make_case
-from helpers import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
-from helpers import run_cascade_cli, write_dicom_series
+
+from helpers import (  # noqa: F401
+    BUNDLES,
+    REPO,
+    TINY_STAGES,
+    assert_same_geometry,
+    no_hang,
+    run_cascade_cli,
+    save,
+    tiny_cascade,
+    write_dicom_series,
+)
 
 LFS = "version https://git-lfs.github.com/spec/v1"
 TINY_CHANNELS = (4, 8, 8, 8, 8)

@@ -9,16 +9,16 @@ import shutil
 import subprocess
 import sys
 
+import onnxruntime
+import onnxscript  # noqa: F401  (the test extra installs onnx, onnxscript and onnxruntime; ONNX export needs it)
 import pytest
 import torch
 
-from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID
 from flare_c2f_extensions.cascade import STAGE_BUNDLES, Cascade
-from flare_c2f_extensions.labels import GROUPS, ORGANS
 from flare_c2f_extensions.export import export_checkpoint
+from flare_c2f_extensions.labels import GROUPS, ORGANS
 
-import onnxruntime
-import onnxscript  # noqa: F401  (the test extra installs onnx, onnxscript and onnxruntime; ONNX export needs it)
+from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID
 
 TINY = {"network_def#channels": TINY_CHANNELS, "spatial_size": TINY_GRID}
 STAGES = STAGE_BUNDLES  # cascade stage -> bundle

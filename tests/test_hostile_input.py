@@ -26,9 +26,8 @@ from flare_c2f_extensions.discovery import find_images
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.phantom import make_case
-from helpers import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
-from helpers import run_cascade_cli, write_dicom_series
 
+from helpers import TINY_STAGES, assert_same_geometry, no_hang, run_cascade_cli, save, tiny_cascade, write_dicom_series  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +122,8 @@ def _huge_claim(folder: Path) -> Path:
     image = nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), np.eye(4))
     header = image.header.copy()
     header.set_data_shape((1000, 1000, 1000))
-    raw = header.binaryblock + b"\0" * (int(header["vox_offset"]) - header.sizeof_hdr) + np.zeros(1000, np.int16).tobytes()
+    padding = b"\0" * (int(header["vox_offset"]) - header.sizeof_hdr)
+    raw = header.binaryblock + padding + np.zeros(1000, np.int16).tobytes()
     path = folder / "bad_0000.nii.gz"
     path.write_bytes(gzip.compress(raw))
     return path

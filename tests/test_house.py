@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from helpers import BUNDLES, REPO
 from flare_c2f_extensions.configs import read_stage_config, stage_keys
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.paths import STAGE_BUNDLES
+
+from helpers import BUNDLES, REPO
 
 # Third-party modules import first: some of them add warning filters of their own, which are not ours to judge.
 IMPORT_SIDE_EFFECTS = """

@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from flare_c2f_extensions.images import read_ct
+from flare_c2f_extensions.phantom import make_case
+
 from helpers import (  # noqa: F401  (no_hang: an autouse fixture)
     COPIES,
     check_invariance,
@@ -29,8 +32,6 @@ from helpers import (  # noqa: F401  (no_hang: an autouse fixture)
     tiny_cascade,
     write_copies,
 )
-from flare_c2f_extensions.images import read_ct
-from flare_c2f_extensions.phantom import make_case
 
 # -- tests ---------------------------------------------------------------------------------------------------------
 

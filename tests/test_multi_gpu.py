@@ -13,8 +13,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from helpers import BUNDLES, TINY_TRAIN, bundle_workflow
 from flare_c2f_extensions.cascade import STAGE_BUNDLES
+
+from helpers import BUNDLES, TINY_TRAIN, bundle_workflow
 
 TRAINABLE = list(STAGE_BUNDLES.values())
 

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO
 from flare_c2f_extensions.discovery import find_images
 from flare_c2f_extensions.images import image_geometry, read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.samples import TOTALSEG_TO_FLARE, SampleError, map_totalseg_to_flare, sample_ct
+
 from helpers import (  # noqa: F401  (no_hang: an autouse fixture)
+    REPO,
     assert_same_geometry,
     assert_same_physical_labels,
     check_invariance,
@@ -34,6 +35,7 @@ from helpers import (  # noqa: F401  (no_hang: an autouse fixture)
     tiny_cascade,
     write_dicom_series,
 )
+
 
 @pytest.fixture(scope="session")
 def sample():

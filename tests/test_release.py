@@ -19,9 +19,10 @@ import nibabel as nib
 import pytest
 import torch
 
-from helpers import BUNDLES, TINY, TINY_CHANNELS
 from flare_c2f_extensions.cascade import STAGE_BUNDLES as CASCADE_STAGES
 from flare_c2f_extensions.release import ReleaseError, download_release, pack, verify_release
+
+from helpers import BUNDLES, TINY, TINY_CHANNELS
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:No hash value provided"),  # monai.bundle download --url checks no hash

@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 import flare_c2f_extensions
-from helpers import REPO, TINY_STAGES, write_phantom
 from flare_c2f_extensions.__main__ import main
 from flare_c2f_extensions.images import image_geometry
 from flare_c2f_extensions.labels import ORGAN_IDS, ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, label_names
+
+from helpers import REPO, TINY_STAGES, write_phantom
 
 RANDOM = ["--require_weights", "false", "--threads", "1", "--stage_overrides", json.dumps(TINY_STAGES)]
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 from flare_c2f_extensions.discovery import labelled_cases
 from flare_c2f_extensions.labels import GROUPS, ORGAN_IDS, ORGANS, REFINER_MIN_SIZE_MM, channel_def
+
+from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 
 LOCATOR, REFINER = "flare22_small_locator", "flare22_small_refiner"
 SMALL = GROUPS["small"]

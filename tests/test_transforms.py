@@ -115,7 +115,8 @@ def test_min_size_mm_centred_and_kept_inside():
     centre = (start + stop - 1) / 2.0
     assert np.all(np.abs(centre - np.array([31, 21, 20.5])) <= 0.5)
     # a box larger than min_size is untouched
-    big = CropFromMaskd("image", "label", box_labels=(9,), spatial_size=16, min_size_mm=1.0)({"image": img, "label": lab})
+    big = CropFromMaskd("image", "label", box_labels=(9,), spatial_size=16, min_size_mm=1.0)
+    big = big({"image": img, "label": lab})
     assert big["crop_box"].tolist() == [[30, 20, 20], [33, 23, 22]]
     # at the border the minimum-size box slides inside the volume and keeps its size
     lab2 = torch.zeros_like(lab)
