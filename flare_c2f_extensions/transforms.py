@@ -15,7 +15,13 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.data.utils import affine_to_spacing, to_affine_nd
-from monai.transforms import InvertibleTransform, MapTransform, RandomizableTransform, Transform
+from monai.transforms import (
+    InvertibleTransform,
+    MapTransform,
+    RandomizableTransform,
+    ScaleIntensityRanged,
+    Transform,
+)
 from monai.transforms.inverse import TraceableTransform
 from monai.utils import TraceKeys, TransformBackends, convert_to_numpy, convert_to_tensor, ensure_tuple_rep
 from monai.utils.misc import fall_back_tuple
@@ -23,7 +29,7 @@ from monai.utils.misc import fall_back_tuple
 from .labels import ORGANS
 
 __all__ = [
-    "BOX_META_KEY", "RENAMED_KEYWORDS", "SKIPPED_META_KEY", "ClearIfSkippedd", "ClipIntensity", "ClipIntensityd",
+    "BOX_META_KEY", "RENAMED_KEYWORDS", "SKIPPED_META_KEY", "ClearIfSkippedd", "ClipIntensityd",
     "CropFromMask", "CropFromMaskd", "KeepLargestComponent", "KeepLargestComponentd", "RandCropFromMask",
     "RandCropFromMaskd", "RemapLabels", "RemapLabelsd", "ResizeToGridd", "affine_of", "box_affine", "box_from_mask",
     "box_size", "box_slices", "crop_resize", "expand_box", "fov_affine", "get_crop_box", "keep_largest_component",
@@ -33,27 +39,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class ClipIntensity(Transform):
-    """Clip intensities to ``[minv, maxv]`` (the last step of the paper's augmentation: clip to [0, 1])."""
+class ClipIntensityd(ScaleIntensityRanged):
+    """0.1.0 configs' clip to ``[minv, maxv]``: MONAI's ``ScaleIntensityRanged`` with an identity range and
+    ``clip=True`` (what the bundles now use; exact for [0, 1]). Kept for one release for trained bundles' configs."""
 
-    def __init__(self, minv: float = 0.0, maxv: float = 1.0):
-        self.minv, self.maxv = minv, maxv
-
-    def __call__(self, img):
-        img = img if isinstance(img, torch.Tensor) else torch.as_tensor(img)
-        return img.clamp(self.minv, self.maxv)
-
-
-class ClipIntensityd(MapTransform):
     def __init__(self, keys: KeysCollection, minv: float = 0.0, maxv: float = 1.0, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.clip = ClipIntensity(minv, maxv)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.clip(d[key])
-        return d
+        super().__init__(keys, minv, maxv, minv, maxv, clip=True, allow_missing_keys=allow_missing_keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,7 +380,8 @@ class CropFromMask(InvertibleTransform):
             label.
         spatial_size: the fixed output grid, e.g. 160 or (160, 160, 160); non-positive entries keep the box size.
         margin_mm: margin added on each side of the tight box, in millimetres (scalar, per axis, or per axis and
-            side); converted with the image's spacing (from its affine) and rounded up to whole voxels.
+            side); converted with the image's spacing (from its affine) and rounded up to whole voxels. Not MONAI's
+            ``CropForeground``, whose margin is in voxels: CT slices are often several times thicker than a pixel.
         min_size_mm: optional per-axis minimum box size in millimetres; a smaller box grows about the organ's
             centre (and slides inside the volume at the border).
         mode: interpolation of the crop: ``"trilinear"`` for images, ``"nearest"`` for label maps, ``"soft"`` for
@@ -806,7 +798,8 @@ class RemapLabels(InvertibleTransform):
 
     ``labels``: the stage's FLARE ids in local order, e.g. ``GROUPS["digestive"] == (4, 11, 12)``.
     Invertible: ``inverse`` maps the other way (so ``Invertd`` turns a local prediction into FLARE ids); labels
-    outside the stage are lost by the forward map.
+    outside the stage are lost by the forward map. Not MONAI's ``MapLabelValue``: that one keeps the ids it is not
+    given (another organ's id would read as a local class) and has no inverse.
     """
 
     backend = [TransformBackends.TORCH]
@@ -862,7 +855,8 @@ def keep_largest_component(
 
     ``label_map`` is a 2D/3D integer numpy array; returns a new array of the same dtype. One multi-label cc3d pass
     (components never join different labels) inside the bounding box of the foreground, then one lookup.
-    Ties keep the component met first in memory order.
+    Ties keep the component met first in memory order. Not MONAI's ``KeepLargestConnectedComponent``: that one labels
+    each organ in a pass of its own (and needs scikit-image on the CPU); the result is the same (tested).
     """
     arr = np.asarray(label_map)
     if arr.flags.f_contiguous and not arr.flags.c_contiguous:

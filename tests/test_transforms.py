@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
-from monai.transforms import Compose, Invertd, Resize
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    Invertd,
+    MapLabelValued,
+    Resize,
+    ScaleIntensityRanged,
+)
 from monai.utils import set_determinism
 
 from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.transforms import (
+    ClipIntensityd,
     CropFromMask,
     CropFromMaskd,
     KeepLargestComponent,
@@ -539,3 +547,52 @@ def test_crop_keywords_of_0_1_0_still_work_with_a_warning():
     with pytest.warns(FutureWarning, match="labels= is now box_labels="):
         old = CropFromMaskd("image", "label", labels=(1,), soft_classes=(1, 2), spatial_size=8)
     assert (old.cropper.box_labels, old.cropper.target_labels) == ((1,), (1, 2))
+
+
+# -- where MONAI does the job, and where ours stays (and why) ---------------------------------------------------------
+
+
+def test_monai_clip_in_the_bundles_is_exactly_a_clamp():
+    x = torch.rand(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)) * 3 - 1  # [-1, 2]
+    clipped = ScaleIntensityRanged("image", 0.0, 1.0, 0.0, 1.0, clip=True)({"image": x})["image"]
+    assert torch.equal(torch.as_tensor(clipped), x.clamp(0.0, 1.0))
+    assert torch.equal(torch.as_tensor(ClipIntensityd("image")({"image": x})["image"]), x.clamp(0.0, 1.0))
+
+
+def test_remap_zeroes_other_organs_and_inverts_where_monai_map_label_value_does_not():
+    digestive = GROUPS["digestive"]  # (4, 11, 12) -> 1, 2, 3
+    lab = MetaTensor(torch.tensor([[[[0, 1, 4, 11, 12, 2]]]], dtype=torch.uint8))  # liver (1), right kidney (2) too
+    remap = RemapLabelsd("label", digestive)
+    ours = remap({"label": lab})["label"]
+    assert ours.flatten().tolist() == [0, 0, 1, 2, 3, 0]
+    monai = MapLabelValued("label", list(digestive), [1, 2, 3])({"label": lab})["label"]
+    assert torch.as_tensor(monai).flatten().tolist() == [0, 1, 1, 2, 3, 2]  # liver reads as pancreas (1)
+    back = remap.inverse({"label": ours})["label"]
+    assert torch.as_tensor(back).flatten().tolist() == [0, 0, 4, 11, 12, 0]
+
+
+def test_one_pass_largest_component_equals_one_labelling_per_organ():
+    """MONAI's KeepLargestConnectedComponent labels each organ in a pass of its own (and needs scikit-image on the
+    CPU); ours is one cc3d pass for all organs. The result is the same as labelling each organ alone."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    lab = rng.choice([0, 0, 1, 4, 9], size=(24, 20, 16)).astype(np.uint8)  # many components of every organ
+    expected = np.zeros_like(lab)
+    for organ in (1, 4, 9):
+        components, _ = ndimage.label(lab == organ, structure=np.ones((3, 3, 3)))  # 26-connectivity
+        largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+        expected[components == largest] = organ
+    ours = keep_largest_component(lab)
+    assert np.array_equal(ours, expected) and not np.array_equal(ours, lab)
+
+
+def test_margin_is_in_millimetres_where_monai_crop_foreground_counts_voxels():
+    img, lab = blob_case(spacing=(0.8, 0.8, 2.5))
+    tight = CropFromMaskd(["image", "label"], "label", box_labels=(1,), spatial_size=-1)({"image": img, "label": lab})
+    ours = CropFromMaskd(["image", "label"], "label", box_labels=(1,), spatial_size=-1, margin_mm=5.0)
+    grown = ours({"image": img, "label": lab})
+    growth = (grown["crop_box"][1] - grown["crop_box"][0]) - (tight["crop_box"][1] - tight["crop_box"][0])
+    assert growth.tolist() == [2 * 7, 2 * 7, 2 * 2]  # 5 mm: ceil(5 / 0.8) = 7 voxels in-plane, 2 across slices
+    monai = CropForegroundd(["image"], "label", select_fn=lambda x: x == 1, margin=5)({"image": img, "label": lab})
+    assert monai["image"].shape[1:] != grown["image"].shape[1:]  # 5 voxels = 4 mm in-plane, 12.5 mm across slices
