@@ -33,6 +33,7 @@ import tempfile
 import unicodedata
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -368,7 +369,7 @@ def verify_release(
         _check_inflated_size(infos, zip_path)
         try:
             bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as error:
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError) as error:  # zlib: broken deflate
             raise ReleaseError(f"{zip_path}: refused: corrupted zip ({error})") from error
         if bad is not None:
             raise ReleaseError(f"{zip_path}: refused: corrupted zip (bad CRC-32 for {bad!r})")
