@@ -153,7 +153,8 @@ def test_locator_roi_is_all_foreground_and_classes_are_the_small_organs():
         assert tuple(parser.get_parsed_content("labels")) == SMALL
         assert parser.get_parsed_content("num_classes") == 5
     train = _load(LOCATOR, "train.json")
-    assert train["train"]["crop"]["labels"] == train["validate"]["crop"]["labels"] == "@roi_labels"
+    assert train["train"]["crop"]["box_labels"] == train["validate"]["crop"]["box_labels"] == "@roi_labels"
+    assert train["train"]["crop"]["target_labels"] == train["validate"]["crop"]["target_labels"] == "@labels"
 
 
 @pytest.mark.parametrize("organ", SMALL_NAMES)
