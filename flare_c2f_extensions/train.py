@@ -30,12 +30,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .cascade import BUNDLES_DIR, STAGE_BUNDLES
 from .discovery import case_name, labelled_cases, split_cases
 from .errors import InputError
 from .files import write_nifti_atomic, write_text_atomic
 from .images import HU_RANGE, read_ct
 from .labels import GROUPS, ORGANS
+from .paths import BUNDLES_DIR, STAGE_BUNDLES
 
 __all__ = ["STAGES", "train_cascade", "parse_overrides", "select_stages", "prepare_cache", "StagePlan"]
 
