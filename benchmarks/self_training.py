@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
-from flare_c2f_extensions.data import find_images
+from flare_c2f_extensions.discovery import find_images
 from flare_c2f_extensions.labels import GROUPS, ORGANS
 from flare_c2f_extensions.metrics import evaluate_folder
 from flare_c2f_extensions.phantom import write_cohort
 from flare_c2f_extensions.self_train import self_train
 from flare_c2f_extensions.train import train_cascade
+
 
 # quick CPU settings (as the quickstart's, smaller): small grids, small network, high learning rate, no elastic
 def _overrides(grid: int, channels: list[int]) -> dict:

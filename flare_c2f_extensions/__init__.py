@@ -1,13 +1,16 @@
-"""Extensions that the flare22_* MONAI bundles reference: labels, network, transforms, data, cascade, metrics.
+"""Extensions that the flare22_* MONAI bundles reference: labels, network, transforms, inputs and outputs, metrics.
 
 ``flare_c2f_extensions.segment(image_or_path, ...)`` segments one CT (see :func:`.segmenter.segment`); it is loaded on
 first use, so importing the package stays as light as the bundles need.
 """
 
-from . import data, labels, metrics, networks, transforms
+from . import discovery, errors, files, images, label_maps, labels, metrics, networks, transforms
 
 __version__ = "0.1.0"
-__all__ = ["data", "labels", "metrics", "networks", "transforms", "segment", "Segmenter", "__version__"]
+__all__ = [
+    "discovery", "errors", "files", "images", "label_maps", "labels", "metrics", "networks", "transforms", "segment",
+    "Segmenter", "__version__",
+]
 
 _LAZY = {"segment": "segment", "Segmenter": "Segmenter"}  # name -> attribute of .segmenter
 

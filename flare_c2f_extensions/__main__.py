@@ -15,7 +15,9 @@ def network_info(spatial_size: int = 128, channels=None, blocks_per_level: int =
     """Parameter count and FLOPs of the ResUNet-ASPP (defaults: the paper-size network)."""
     from .networks import PAPER_CHANNELS, describe
 
-    return describe(spatial_size, channels=channels or PAPER_CHANNELS, blocks_per_level=blocks_per_level, out_channels=out_channels)
+    return describe(
+        spatial_size, channels=channels or PAPER_CHANNELS, blocks_per_level=blocks_per_level, out_channels=out_channels
+    )
 
 
 def evaluate(pred: str, gt: str, out: str):
@@ -80,7 +82,8 @@ def pack(
     ``--bundles flare22_coarse,flare22_cascade`` (default: all); ``--weights inside`` (models/ in the zip) or
     ``--weights large_files --weights_url URL`` (weights beside the zips, listed with sha256 in large_files.yml).
     """
-    from .release import ReleaseError, pack as run
+    from .release import ReleaseError
+    from .release import pack as run
 
     try:
         items = run(out, bundles, weights, weights_url, bundles_dir)
@@ -98,7 +101,8 @@ def _hex(sha256):
 def verify_release(zip: str, sha256: str | None = None, name: str | None = None):
     """Check a release zip before extracting it: sha256 (``--sha256`` or the ``.sha256`` sidecar), CRCs, and that
     every entry stays inside its bundle folder. Exits non-zero with the reason if it is refused."""
-    from .release import ReleaseError, verify_release as run
+    from .release import ReleaseError
+    from .release import verify_release as run
 
     try:
         report = run(zip, _hex(sha256), name)
@@ -111,7 +115,8 @@ def verify_release(zip: str, sha256: str | None = None, name: str | None = None)
 def download_release(url: str, bundle_dir: str = ".", sha256: str | None = None, name: str | None = None):
     """Download a release zip, verify it (``--sha256`` or ``<url>.sha256``), fetch its hash-checked large files,
     and only then put ``<name>/`` into ``bundle_dir``."""
-    from .release import ReleaseError, download_release as run
+    from .release import ReleaseError
+    from .release import download_release as run
 
     try:
         print(run(url, bundle_dir, _hex(sha256), name))
@@ -160,7 +165,7 @@ def segment(
     weights (seeded by ``--seed``) for timing. ``--stage_overrides`` takes config overrides per stage (JSON).
     Existing outputs are kept unless ``--overwrite``.
     """
-    from .data import InputError
+    from .errors import InputError
     from .segmenter import as_bool, run_segment
 
     try:
@@ -184,7 +189,8 @@ def segment(
 
         for case in failed:
             print(f"error: {case['error']}", file=sys.stderr)
-        print(f"error: {len(failed)} of {len(report['cases'])} case(s) failed (see {report['report']})", file=sys.stderr)
+        total = len(report["cases"])
+        print(f"error: {len(failed)} of {total} case(s) failed (see {report['report']})", file=sys.stderr)
         raise SystemExit(FAILED_CASES_EXIT_STATUS)
 
 
@@ -213,8 +219,8 @@ def pseudo_label(
     """
     import torch
 
-    from .data import InputError
     from .distributed import Ranks
+    from .errors import InputError
     from .labels import ORGANS
     from .pseudo_label import pseudo_label as run
     from .segmenter import as_bool, as_mapping, load_cascade
@@ -260,7 +266,7 @@ def self_train(
     training cases (``--labelled_repeat`` times) plus the kept pseudo-labels, and scores it on the last ``num_val``
     labelled cases. ``DIR/self_train.json`` names the best round; its ``bundles`` folder is the result. ``--epochs``,
     ``--device`` and ``--override`` go to every training as in ``train``. Rerunning resumes."""
-    from .data import InputError
+    from .errors import InputError
     from .self_train import self_train as run
 
     overrides = list(override) if isinstance(override, (list, tuple)) else override
@@ -306,6 +312,9 @@ def main(argv: list[str] | None = None):
 
     import fire
 
+    from .errors import start_run
+
+    start_run()  # one-line input errors, known noise silenced: for this run, never as an import's side effect
     fire.Fire(COMMANDS, command=expand_short_flags(sys.argv[1:] if argv is None else list(argv)))
 
 

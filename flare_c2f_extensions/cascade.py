@@ -38,33 +38,36 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
-from .data import (
-    InputError,
-    InputWarnings,
-    case_name,
-    finished_output,
-    image_geometry,
-    outputs_apart_from_inputs,
-    prepare_output_dir,
-    read_ct,
-    save_label_map,
-    write_text_atomic,
-)
+from .configs import read_stage_config
+from .discovery import case_name
 from .efficiency import ResourceMonitor
+from .errors import InputError, InputWarnings
+from .files import finished_output, outputs_apart_from_inputs, prepare_output_dir, write_text_atomic
+from .images import image_geometry, read_ct
+from .label_maps import save_label_map
 from .labels import GROUPS, ORGANS, organ_id
-from .paths import BUNDLES_DIR, STAGE_BUNDLES, bundles_dir as default_bundles_dir
+from .paths import BUNDLES_DIR, STAGE_BUNDLES
+from .paths import bundles_dir as default_bundles_dir
 from .transforms import (
     CropFromMask,
     box_affine,
-    box_slices,
     box_size,
+    box_slices,
     crop_resize,
     dropped_components,
     fov_affine,
     keep_largest_component,
     resize_spatial,
 )
+from .transforms import (
+    affine_of as _affine_of,
+)
 from .weights import load_weights
+
+__all__ = [
+    "BUNDLES_DIR", "FAILED_CASES_EXIT_STATUS", "STAGE_BUNDLES", "Cascade", "CascadeRunner", "CaseResult", "Stage",
+    "default_amp", "load_stage", "segment_to_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,32 +109,6 @@ def default_amp(device: torch.device) -> bool:
         return False
 
 
-def _load_stage_config(bundle_dir: str | os.PathLike, overrides: Mapping | None = None):
-    from monai.bundle import ConfigParser
-
-    bundle_dir = Path(bundle_dir)
-    config = bundle_dir / "configs" / "inference.json"
-    if not config.is_file():
-        raise InputError(f"{config}: stage bundle config does not exist")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(bundle_dir)
-    for key, value in _flatten(overrides or {}).items():
-        parser[key] = value
-    return parser
-
-
-def _flatten(overrides: Mapping, prefix: str = "") -> dict:
-    """``{"network_def": {"channels": [4, 8]}}`` -> ``{"network_def#channels": [4, 8]}`` (config ids)."""
-    flat = {}
-    for key, value in overrides.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}#"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def load_stage(
     name: str,
     bundle_dir: str | os.PathLike,
@@ -149,13 +126,14 @@ def load_stage(
     ``require_weights=False`` keeps the random (He-normal) initialisation when no checkpoint exists, for
     timing benchmarks; real use always loads weights.
     """
-    parser = _load_stage_config(bundle_dir, overrides)
+    parser = read_stage_config(bundle_dir, overrides, name)
     checkpoint = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
     if checkpoint.suffix == ".ts" and checkpoint.is_file():
         try:
             network = torch.jit.load(str(checkpoint), map_location=torch.device(device))
         except RuntimeError as error:
-            raise InputError(f"{checkpoint}: not a loadable TorchScript module for the {name} stage ({error})") from error
+            message = f"{checkpoint}: not a loadable TorchScript module for the {name} stage ({error})"
+            raise InputError(message) from error
     else:
         network = parser.get_parsed_content("network_def")
         if checkpoint.is_file():
@@ -173,7 +151,8 @@ def load_stage(
     # the organs whose box the stage crops: its own, unless the bundle says otherwise (the locator: all foreground)
     box_labels = parser.get_parsed_content("roi_labels") if "roi_labels" in parser else labels
     min_size = parser.get_parsed_content("min_size_mm") if "min_size_mm" in parser else None
-    cropper = CropFromMask(box_labels, spatial_size, parser.get_parsed_content("margin_mm"), min_size, mask_grid="affine")
+    margin = parser.get_parsed_content("margin_mm")
+    cropper = CropFromMask(box_labels, spatial_size, margin, min_size, mask_grid="affine")
     return Stage(name, network, spatial_size, labels, cropper)
 
 
@@ -357,10 +336,6 @@ def _fuse(probs: torch.Tensor, box, stage_labels: Sequence[int], labels, confide
     region_confidence[claim] = best_p[claim]
 
 
-def _affine_of(image: MetaTensor) -> np.ndarray:
-    return np.asarray(image.affine, dtype=np.float64)
-
-
 def _fov_affine_of(image: MetaTensor, grid: Sequence[int]) -> np.ndarray:
     """World affine of a grid of size ``grid`` spanning the image's field of view (what ``Resized`` records)."""
     return _affine_of(image) @ fov_affine(grid, image.shape[1:])
@@ -377,12 +352,6 @@ def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir:
     return result
 
 
-__all__ = [
-    "Cascade", "CaseResult", "Stage", "default_amp", "load_stage", "segment_to_file", "BUNDLES_DIR", "STAGE_BUNDLES",
-    "CascadeRunner", "FAILED_CASES_EXIT_STATUS",
-]
-
-
 FAILED_CASES_EXIT_STATUS = 3  # the process's exit status when a batch ran but some case failed (README, "Inputs")
 
 
@@ -396,7 +365,7 @@ class CascadeRunner:
     memory-time area, CPU-time area; in the JSON also the input warnings, e.g. NaN voxels replaced, and the
     entries of the input folder that were ignored, with why). ``run()`` returns the report.
 
-    ``run()`` first refuses, with one :class:`~flare_c2f_extensions.data.InputError` before any case runs, an output
+    ``run()`` first refuses, with one :class:`~flare_c2f_extensions.errors.InputError` before any case runs, an output
     folder that cannot be created and written or whose outputs would overwrite an input or be taken for inputs on
     the next run (the input's own folder). Two inputs that would write the same output file (``a.nii`` and
     ``a.nii.gz``, or ``a_0000.nii.gz`` and a DICOM folder ``a``): the later one fails, the earlier one is written.
@@ -530,6 +499,7 @@ def _write_report(report: dict, output_dir: Path, name: str) -> None:
     writer.writerow(columns + [f"{stage}_seconds" for stage in stages] + ["error"])
     for case in report["cases"]:
         times = case.get("stage_seconds", {})
-        writer.writerow([case.get(c, "") for c in columns] + [times.get(s, "") for s in stages] + [case.get("error", "")])
+        row = [case.get(c, "") for c in columns] + [times.get(s, "") for s in stages] + [case.get("error", "")]
+        writer.writerow(row)
     write_text_atomic(table.getvalue(), output_dir / f"{name}.csv")
     write_text_atomic(json.dumps(report, indent=4) + "\n", output_dir / f"{name}.json")

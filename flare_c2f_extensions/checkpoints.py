@@ -6,8 +6,9 @@ deletes the old file before writing the new one, so a kill at the wrong moment l
 
 :class:`TrainState` is the resumable part of a training: model, optimizer, learning-rate scheduler, the trainer's
 epoch and iteration (ignite state) and the best-model saver's record of the best metric so far, saved after every
-epoch (``train_state_checkpoint_epoch=N.pt``, the previous one removed once the new one is in place) and, with ``resume=True``, loaded back when the
-trainer starts (MONAI's ``CheckpointLoader``), so the run continues with the epoch after the saved one.
+epoch (``train_state_checkpoint_epoch=N.pt``, the previous one removed once the new one is in place) and, with
+``resume=True``, loaded back when the trainer starts (MONAI's ``CheckpointLoader``), so the run continues with the
+epoch after the saved one.
 """
 
 from __future__ import annotations

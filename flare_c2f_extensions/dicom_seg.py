@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data import InputError, _DicomSeries
+from .dicom import DicomSeries
+from .errors import InputError
 from .labels import ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, SNOMED_LATERALITY
+
+__all__ = ["check_source", "dicom_seg", "segment_descriptions"]
 
 SERIES_NUMBER = 9901  # a series number unlikely to clash with the scanner's
 # Type 2 attributes (present, may be empty) that a SEG copies from its source images; anonymised series often lack
@@ -67,7 +70,7 @@ def check_source(series_folder: str | os.PathLike) -> None:
         raise InputError(
             f"{folder}: --dicom_seg needs the DICOM series (a SEG references its slices), not a NIfTI file"
         )
-    first = pydicom.dcmread(str(_DicomSeries.read(folder, pixels=False).files[0]), stop_before_pixels=True)
+    first = pydicom.dcmread(str(DicomSeries.read(folder, pixels=False).files[0]), stop_before_pixels=True)
     for keyword in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         if not str(first.get(keyword, "")):
             raise InputError(f"{folder}: the DICOM series has no {keyword}, which a DICOM Segmentation must reference")
@@ -82,7 +85,7 @@ def dicom_seg(labels: np.ndarray, series_folder: str | os.PathLike, organs: Sequ
     folder = Path(series_folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: a DICOM Segmentation needs the DICOM series it segments, not a NIfTI file")
-    series = _DicomSeries.read(folder, pixels=False)
+    series = DicomSeries.read(folder, pixels=False)
     if labels.shape != series.shape:
         raise ValueError(f"{folder}: label map shape {labels.shape} differs from the series' {series.shape}")
     sources = [pydicom.dcmread(str(path)) for path in series.files]
@@ -108,6 +111,3 @@ def dicom_seg(labels: np.ndarray, series_folder: str | os.PathLike, organs: Sequ
         device_serial_number="none",
         series_description="flare-c2f organs",
     )
-
-
-__all__ = ["check_source", "dicom_seg", "segment_descriptions"]

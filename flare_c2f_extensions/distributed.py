@@ -125,7 +125,7 @@ class ShardedCascadeRunner:
         import torch
 
         from .cascade import CascadeRunner, _summarise, _write_report
-        from .data import case_name
+        from .discovery import case_name
 
         ranks = Ranks.from_env()
         threads = ranks.threads(device=self.cascade.device)

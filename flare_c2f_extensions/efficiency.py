@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+__all__ = ["SAMPLE_SECONDS", "ResourceMonitor", "Usage"]
+
 SAMPLE_SECONDS = 0.1
 
 

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
+from .configs import flatten_overrides, read_stage_config
 from .weights import load_weights
+
+__all__ = ["bundle_checkpoints", "compare", "export_bundle", "export_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,26 +35,9 @@ FORMATS = ("ts", "onnx")
 
 
 def _parser(bundle_dir: Path, overrides: Mapping):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    parser = read_stage_config(bundle_dir, overrides)
     parser.read_meta(str(bundle_dir / "configs" / "metadata.json"))
-    parser["bundle_root"] = str(bundle_dir)
-    for key, value in overrides.items():
-        parser[key] = value
     return parser
-
-
-def _flat(overrides: Mapping | None, prefix: str = "") -> dict:
-    """``{"network_def": {"channels": [4, 8]}}`` -> ``{"network_def#channels": [4, 8]}`` (config ids)."""
-    flat = {}
-    for key, value in (overrides or {}).items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}#"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def bundle_checkpoints(bundle_dir: str | os.PathLike) -> list[Path]:
@@ -77,7 +63,7 @@ def export_checkpoint(
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export format(s) {sorted(unknown)}; choose from {FORMATS}")
-    flat = _flat(overrides)
+    flat = flatten_overrides(overrides)
     parser = _parser(bundle_dir, flat)
     in_channels = int(parser.get_parsed_content("network_def#in_channels"))
     input_shape = [1, in_channels, *(int(s) for s in parser.get_parsed_content("spatial_size"))]
@@ -144,6 +130,3 @@ def export_bundle(
     if not checkpoints:
         raise FileNotFoundError(f"{Path(bundle_dir) / 'models'}: no *.pt checkpoint to export (train the bundle first)")
     return [export_checkpoint(bundle_dir, c, formats, out_dir, overrides, check, seed) for c in checkpoints]
-
-
-__all__ = ["bundle_checkpoints", "compare", "export_bundle", "export_checkpoint"]

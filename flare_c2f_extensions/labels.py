@@ -7,6 +7,12 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+__all__ = [
+    "GROUPS", "NSD_TOLERANCE_MM", "NUM_CLASSES", "NUM_ORGANS", "ORGANS", "ORGAN_IDS", "REFINER_MIN_SIZE_MM",
+    "SLAB_ORGANS", "SNOMED_ANATOMICAL_STRUCTURE", "SNOMED_CT", "SNOMED_LATERALITY", "channel_def",
+    "label_names", "organ_id",
+]
+
 # FLARE22 label id -> organ name.
 ORGANS = MappingProxyType(
     {
@@ -51,7 +57,7 @@ SLAB_ORGANS = (5, 6, 10)
 # Small-organ refiner: minimum box size in millimetres per array axis after reorientation to RAS
 # (left-right, posterior-anterior, inferior-superior), for FLARE ids 7..10 (``GROUPS["small"]``).
 # A box smaller than this grows about the organ's centre (``CropFromMask(min_size_mm=...)``), so that the
-# 128^3 crop always holds some surrounding anatomy, tolerates a located mask that is a few millimetres
+# 64^3 crop always holds some surrounding anatomy, tolerates a located mask that is a few millimetres
 # off or cut short, and never upsamples a tiny box to absurdly fine voxels (48 mm -> 0.375 mm).
 # - adrenal glands (7, 8): Y/V-shaped glands with limbs of 2 to 5 cm and a body under 1 cm thick; 48 mm
 #   holds a whole gland plus its neighbours (crus, kidney upper pole, IVC/aorta) in every direction.
@@ -68,14 +74,6 @@ REFINER_MIN_SIZE_MM = MappingProxyType(
         10: (64.0, 64.0, 64.0),
     }
 )
-
-
-def group_of(label: int) -> str:
-    """Name of the stage group that holds FLARE id ``label``."""
-    for name, members in GROUPS.items():
-        if label in members:
-            return name
-    raise KeyError(f"{label} is not a FLARE22 organ id (1..{NUM_ORGANS})")
 
 
 def organ_id(name_or_id: str | int) -> int:

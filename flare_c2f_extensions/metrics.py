@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .data import InputError, case_name, is_nifti, prepare_output_dir, write_text_atomic
+from .discovery import case_name, is_nifti
+from .errors import InputError
+from .files import prepare_output_dir, write_text_atomic
 from .labels import NSD_TOLERANCE_MM, ORGANS, SLAB_ORGANS
 
 logger = logging.getLogger(__name__)
@@ -146,9 +148,6 @@ def organ_scores(
         mask_p = pred[box] == label
         mask_g = gt[box] == label
         size_p, size_g = int(mask_p.sum()), int(mask_g.sum())
-        if size_p + size_g == 0:  # unreachable after the checks above; kept as the division guard
-            scores[label] = (1.0, 1.0)
-            continue
         dsc = 2.0 * int(np.logical_and(mask_p, mask_g).sum()) / (size_p + size_g)
         if dsc < NSD_MIN_DSC:
             nsd = 0.0
@@ -160,7 +159,7 @@ def organ_scores(
 
 class MissingFolderError(InputError, FileNotFoundError):
     """A prediction or ground-truth folder that does not exist or holds no label map (one line, as every
-    :class:`~flare_c2f_extensions.data.InputError`)."""
+    :class:`~flare_c2f_extensions.errors.InputError`)."""
 
 
 GRID_TOLERANCE_MM = 0.01  # two affines closer than this everywhere are the same grid (float32 headers differ a bit)
@@ -171,7 +170,7 @@ def load_label_map(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, fl
 
     Float data are rounded to the nearest integer; values outside 0..255 become background (0). A file that cannot
     be read whole, or that is not 3D (a 4D file with one volume counts as 3D), is an
-    :class:`~flare_c2f_extensions.data.InputError` naming it.
+    :class:`~flare_c2f_extensions.errors.InputError` naming it.
     """
     import nibabel as nib
 
@@ -246,7 +245,7 @@ def evaluate_case(
     Spacing comes from the ground truth header. A prediction on the ground truth's grid stored in another array
     layout (axes flipped or permuted, affine adjusted) is reoriented to it; one of the same layout and shape whose
     affine differs only warns (the official evaluation ignores the affine); any other mismatch is an
-    :class:`~flare_c2f_extensions.data.InputError` (a ``ValueError``) naming both files. Label values that are not
+    :class:`~flare_c2f_extensions.errors.InputError` (a ``ValueError``) naming both files. Label values that are not
     organ ids are logged and scored as background.
     """
     return _score_case(pred_path, gt_path, labels)[0]

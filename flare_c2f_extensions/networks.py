@@ -9,6 +9,8 @@ from monai.networks.blocks import SimpleASPP, UnetOutBlock, UnetResBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
+__all__ = ["PAPER_CHANNELS", "ResUNetASPP", "count_flops", "count_parameters", "describe"]
+
 # Default widths, chosen to match the paper's size (15.17 M parameters, 93.43 G at 128^3): they give
 # 15.19 M parameters and 93.77 G multiply-adds at 128^3 (`python -m flare_c2f_extensions network_info`).
 PAPER_CHANNELS = (12, 24, 64, 192, 384)
@@ -79,11 +81,16 @@ class ResUNetASPP(nn.Module):
         )
         self.upsample = nn.ModuleList(
             [
-                get_conv_layer(spatial_dims, channels[i + 1], channels[i], 2, 2, act=None, norm=None, conv_only=True, is_transposed=True)
+                get_conv_layer(
+                    spatial_dims, channels[i + 1], channels[i], 2, 2, act=None, norm=None, conv_only=True,
+                    is_transposed=True,
+                )
                 for i in reversed(range(self.num_levels))
             ]
         )
-        self.decoder = nn.ModuleList([res_blocks(2 * channels[i], channels[i], 1) for i in reversed(range(self.num_levels))])
+        self.decoder = nn.ModuleList(
+            [res_blocks(2 * channels[i], channels[i], 1) for i in reversed(range(self.num_levels))]
+        )
         self.head = UnetOutBlock(spatial_dims, channels[0], out_channels)
         self.apply(_he_normal)
 

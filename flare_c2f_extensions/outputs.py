@@ -30,8 +30,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .data import NIFTI_SUFFIXES, _read_voxels, image_geometry, label_map_image, write_nifti_atomic, write_text_atomic
+from .discovery import NIFTI_SUFFIXES
+from .files import write_nifti_atomic, write_text_atomic
+from .images import image_geometry, read_voxels
+from .label_maps import label_map_image
 from .labels import ORGANS, label_names
+
+__all__ = [
+    "itksnap_labels", "named_label_image", "organ_statistics", "preview_rgb", "read_hu", "slicer_color_table",
+    "statistics_csv", "stem_of", "write_case",
+]
 
 STATISTICS_COLUMNS = ("organ", "id", "voxel_count", "volume_ml", "mean_hu", "median_hu", "touches_border")
 
@@ -47,7 +55,7 @@ def stem_of(target: str | os.PathLike) -> str:
 
 def read_hu(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """The input's voxels in HU (float32, the file's own array layout) and its affine."""
-    return _read_voxels(Path(path))
+    return read_voxels(Path(path))
 
 
 # -- label names --------------------------------------------------------------------------------------------------
@@ -218,7 +226,3 @@ def _move_into_place(staging: Path, folder: Path, names: Sequence[str]) -> list[
         os.replace(source, destination)
         moved.append(destination)
     return moved
-
-
-__all__ = ["itksnap_labels", "named_label_image", "organ_statistics", "preview_rgb", "read_hu", "slicer_color_table",
-           "statistics_csv", "stem_of", "write_case"]

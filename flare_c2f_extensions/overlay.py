@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import atomic_path
+from .files import atomic_path
 from .labels import NUM_CLASSES, ORGANS
 
 __all__ = ["PALETTE", "VIEWS", "overlay_figure", "overlay_slices", "save_overlay"]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = ["BUNDLES_DIR", "CASCADE_BUNDLE", "ENV_VAR", "STAGE_BUNDLES", "bundles_dir"]
+
 ENV_VAR = "FLARE_C2F_BUNDLES"
 PACKAGE_DIR = Path(__file__).resolve().parent
 CHECKOUT_BUNDLES = PACKAGE_DIR.parent / "bundles"  # a checkout or an editable install
@@ -46,5 +48,3 @@ def bundles_dir() -> Path:
 
 
 BUNDLES_DIR = bundles_dir()  # as found at import; code that runs later calls bundles_dir()
-
-__all__ = ["BUNDLES_DIR", "CASCADE_BUNDLE", "ENV_VAR", "STAGE_BUNDLES", "bundles_dir"]

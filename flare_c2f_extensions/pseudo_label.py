@@ -48,17 +48,12 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import (
-    InputError,
-    InputWarnings,
-    case_name,
-    find_images,
-    image_geometry,
-    prepare_output_dir,
-    save_label_map,
-    write_text_atomic,
-)
+from .discovery import case_name, find_images
 from .distributed import Ranks
+from .errors import InputError, InputWarnings
+from .files import prepare_output_dir, write_text_atomic
+from .images import image_geometry
+from .label_maps import save_label_map
 from .labels import ORGANS
 
 logger = logging.getLogger(__name__)
@@ -85,8 +80,8 @@ class QualityRule:
     ``min_mean_confidence`` 0.75 (an organ made mostly of boundary-like doubt), and ``min_low_confidence`` 0.40 at
     ``low_percentile`` 10 (a tenth of the organ where the winner is below even a two-way tie: three or more classes
     compete there, or the teacher barely claimed it); ``max_missing`` 0; organ volumes within the labelled range
-    widened by ``volume_factor`` 1.5 either way (``min / 1.5`` to ``max * 1.5``: a small labelled cohort does not show the
-    whole population's spread); ``max_dropped_fraction`` 0.20 of an organ's voxels removed as stray components.
+    widened by ``volume_factor`` 1.5 either way (``min / 1.5`` to ``max * 1.5``: a small labelled cohort does not
+    show the whole population's spread); ``max_dropped_fraction`` 0.20 of an organ's voxels removed as stray components.
     """
 
     min_mean_confidence: float = 0.75

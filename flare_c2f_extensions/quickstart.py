@@ -11,17 +11,17 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
-import logging
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .paths import BUNDLES_DIR, STAGE_BUNDLES
 from .labels import GROUPS, ORGANS
+from .paths import BUNDLES_DIR, STAGE_BUNDLES
 
 __all__ = [
     "QUICK_STAGES", "QUICK_NETWORK", "QUICK_TRAINING", "LOG_DIR",
@@ -296,7 +296,7 @@ def quickstart(
 def _segment_and_evaluate(data: Path, out: Path, stage_overrides: dict, progress: Progress) -> dict:
     """The cascade on the held-out cases, their FLARE22 scores and an overlay per case."""
     from .cascade import Cascade, CascadeRunner
-    from .data import find_images
+    from .discovery import find_images
     from .metrics import evaluate_folder
     from .overlay import save_overlay
 

@@ -33,16 +33,23 @@ import tempfile
 import unicodedata
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 from .paths import BUNDLES_DIR
 
+__all__ = [
+    "ReleaseError", "download_release", "pack", "pack_bundle", "read_version", "sha256_of", "verify_release",
+    "write_sidecar",
+]
+
 logger = logging.getLogger(__name__)
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
 FILE_MODE = 0o644
-EXCLUDED_TOP_DIRS = {"eval", "runs", "mlruns", "logs", "train_state"}  # outputs written inside a bundle by its configs and by `train`
+# outputs written inside a bundle by its configs and by `train`
+EXCLUDED_TOP_DIRS = {"eval", "runs", "mlruns", "logs", "train_state"}
 EXCLUDED_DIRS = {"__pycache__"}
 EXCLUDED_SUFFIXES = {".pyc", ".pyo", ".zip", ".sha256", ".tmp", ".swp"}
 WEIGHTS_DIR = "models"
@@ -362,7 +369,7 @@ def verify_release(
         _check_inflated_size(infos, zip_path)
         try:
             bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as error:
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError) as error:  # zlib: broken deflate
             raise ReleaseError(f"{zip_path}: refused: corrupted zip ({error})") from error
         if bad is not None:
             raise ReleaseError(f"{zip_path}: refused: corrupted zip (bad CRC-32 for {bad!r})")
@@ -448,15 +455,3 @@ def download_release(
                 raise ReleaseError(f"{url}: cannot download a file of {LARGE_FILES} ({error})") from error
         os.replace(staging / name, target)
     return target
-
-
-__all__ = [
-    "ReleaseError",
-    "download_release",
-    "pack",
-    "pack_bundle",
-    "read_version",
-    "sha256_of",
-    "verify_release",
-    "write_sidecar",
-]

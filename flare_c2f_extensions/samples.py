@@ -28,7 +28,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .data import atomic_path, write_nifti_atomic
+from .files import atomic_path, write_nifti_atomic
+
+__all__ = [
+    "TOTALSEG_TO_FLARE", "SampleCT", "SampleError", "cache_dir", "map_totalseg_to_flare", "sample_ct",
+    "write_sample_dataset",
+]
 
 TOTALSEG_VERSION = "2.18.0"
 SDIST_NAME = f"totalsegmentator-{TOTALSEG_VERSION}.tar.gz"
@@ -40,7 +45,7 @@ MEMBER_SHA256 = {
     LABEL_MEMBER: "e8097758e56e73099075b6caaebce23ef11bc6fad66a4ec3753b9406846558c7",
 }
 
-# TotalSegmentator v2 id -> FLARE22 id (DESIGN.md, "Data"); every other TotalSegmentator structure becomes 0.
+# TotalSegmentator v2 id -> FLARE22 id (labels.ORGANS); every other TotalSegmentator structure becomes 0.
 TOTALSEG_TO_FLARE = {5: 1, 2: 2, 1: 3, 7: 4, 52: 5, 63: 6, 8: 7, 9: 8, 4: 9, 15: 10, 6: 11, 19: 12, 3: 13}
 
 CASE = "example"  # FLARE-style names: imagesTs/example_0000.nii.gz, labelsTs/example.nii.gz
@@ -167,7 +172,3 @@ def write_sample_dataset(out: str | os.PathLike, cache: str | os.PathLike | None
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
     return paths
-
-
-__all__ = ["SampleCT", "SampleError", "TOTALSEG_TO_FLARE", "cache_dir", "map_totalseg_to_flare", "sample_ct",
-           "write_sample_dataset"]

@@ -25,9 +25,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .data import InputError, label_map_image
+from .errors import InputError
+from .label_maps import label_map_image
 from .labels import GROUPS, ORGAN_IDS, ORGANS
-from .paths import STAGE_BUNDLES, bundles_dir as default_bundles_dir
+from .paths import STAGE_BUNDLES
+from .paths import bundles_dir as default_bundles_dir
+
+__all__ = [
+    "Segmenter", "as_bool", "as_mapping", "load_cascade", "parse_organs", "plan_targets", "resolve_inputs",
+    "run_segment", "segment", "stage_sources",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +137,11 @@ def needed_stages(organs: Sequence[int]) -> list[tuple[str, dict]]:
 
 def missing_weights(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]) -> list[str]:
     """``"<stage>: <checkpoint path>"`` for every needed stage whose checkpoint file does not exist."""
-    from .cascade import _load_stage_config
+    from .configs import read_stage_config
 
     missing = []
     for name, extra in needed_stages(organs):
-        parser = _load_stage_config(dirs[name], {**overrides.get(name, {}), **extra})
+        parser = read_stage_config(dirs[name], {**overrides.get(name, {}), **extra})
         checkpoint = Path(parser.get_parsed_content("ckpt_path"))
         if not checkpoint.is_file():
             label = f"{name} ({extra['organ']})" if extra else name
@@ -320,7 +327,8 @@ def resolve_inputs(source, output=None) -> tuple[list[tuple[str, str]], list[dic
     """The images ``-i`` names, as (image, case name) pairs, and the folder entries that were ignored (with why):
     a NIfTI file, a DICOM series folder, or a folder of NIfTI files / series folders (``output`` never looked into).
     """
-    from .data import case_name, check_volume, find_images, is_nifti
+    from .discovery import case_name, find_images, is_nifti
+    from .images import check_volume
 
     path = Path(str(source)).expanduser()
     if not path.exists():
@@ -337,9 +345,10 @@ def resolve_inputs(source, output=None) -> tuple[list[tuple[str, str]], list[dic
 def plan_targets(images: Sequence[tuple[str, str]], output) -> list[tuple[str, Path]]:
     """(image, label map path) pairs: ``-o`` is the file for one input (``.nii.gz``/``.nii``), else a folder that
     gets ``<case>.nii.gz`` per input. Refused before any case: an output that would overwrite its input, and an
-    output folder whose label maps would be taken for inputs on the next run (:func:`data.outputs_apart_from_inputs`).
+    output folder whose label maps would be taken for inputs on the next run (:func:`files.outputs_apart_from_inputs`).
     """
-    from .data import NIFTI_SUFFIXES, outputs_apart_from_inputs
+    from .discovery import NIFTI_SUFFIXES
+    from .files import outputs_apart_from_inputs
 
     output = Path(str(output)).expanduser()
     if str(output).lower().endswith(NIFTI_SUFFIXES):
@@ -427,8 +436,8 @@ def run_segment(
 
     Under ``torchrun`` each rank segments its share of the cases on its own device and rank 0 writes one merged
     report (:mod:`.distributed`); the other ranks return their part."""
-    from .data import prepare_output_dir
     from .distributed import Ranks, merge_reports
+    from .files import prepare_output_dir
     from .outputs import stem_of
 
     chosen = parse_organs(organs)
@@ -461,7 +470,7 @@ def run_segment(
     finally:
         package_logger.removeHandler(collect)
     from .cascade import _summarise
-    from .data import write_text_atomic
+    from .files import write_text_atomic
 
     report = {
         **_environment(segmenter), "warnings": run_warnings, **_summarise(cases, segmenter.cascade.device, ignored),
@@ -478,8 +487,9 @@ def run_segment(
 
 
 def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, collect, what: dict) -> list[dict]:
-    from .data import case_name, input_error_in
+    from .discovery import case_name
     from .efficiency import ResourceMonitor
+    from .errors import input_error_in
     from .outputs import write_case
 
     cases, claimed = [], {}
@@ -514,7 +524,8 @@ def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, c
 def _finished(target: Path, image, case: dict) -> bool:
     """Whether ``target`` is a finished label map of ``image`` (reads back whole with its shape and affine); a
     file there that is not is redone, and ``case["redone"]`` says why."""
-    from .data import finished_output, image_geometry
+    from .files import finished_output
+    from .images import image_geometry
 
     if not (target.exists() or target.is_symlink()):
         return False
@@ -535,9 +546,3 @@ def _case_line(case: dict, number: int, total: int) -> str:
     if status == "exists":
         return f"[{number}/{total}] {case['case']}: {case['output']} exists, skipped (--overwrite to redo it)"
     return f"[{number}/{total}] {case['case']}: failed: {case['error']}"
-
-
-__all__ = [
-    "Segmenter", "as_bool", "as_mapping", "load_cascade", "parse_organs", "plan_targets", "resolve_inputs",
-    "run_segment", "segment", "stage_sources",
-]

@@ -26,7 +26,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .data import InputError, find_images, labelled_cases, split_cases, write_text_atomic
+from .discovery import find_images, labelled_cases, split_cases
+from .errors import InputError
+from .files import write_text_atomic
 
 __all__ = ["self_train", "evaluate_bundles"]
 

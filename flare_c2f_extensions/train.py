@@ -30,18 +30,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .cascade import BUNDLES_DIR, STAGE_BUNDLES
-from .data import (
-    HU_RANGE,
-    InputError,
-    case_name,
-    labelled_cases,
-    read_ct,
-    split_cases,
-    write_nifti_atomic,
-    write_text_atomic,
-)
+from .discovery import case_name, labelled_cases, split_cases
+from .errors import InputError
+from .files import write_nifti_atomic, write_text_atomic
+from .images import HU_RANGE, read_ct
 from .labels import GROUPS, ORGANS
+from .paths import BUNDLES_DIR, STAGE_BUNDLES
 
 __all__ = ["STAGES", "train_cascade", "parse_overrides", "select_stages", "prepare_cache", "StagePlan"]
 
@@ -301,7 +295,8 @@ class _FileLog:
         """MONAI gives some loggers their own stdout handler (``monai.handlers.StatsHandler``...): send those to the
         file too. Call again once the workflow has built its handlers."""
         for name, item in list(logging.Logger.manager.loggerDict.items()):
-            if isinstance(item, logging.Logger) and name.split(".")[0] in ("monai", "ignite") and item not in self.swapped:
+            ours = name.split(".")[0] in ("monai", "ignite")
+            if isinstance(item, logging.Logger) and ours and item not in self.swapped:
                 if any(not isinstance(h, logging.NullHandler) for h in item.handlers):
                     self.swapped[item] = item.handlers[:]
                     item.handlers = [self.handler]
@@ -406,7 +401,8 @@ def train_stage(stage: StagePlan, root: Path, settings: Mapping, distributed: bo
         checkpoint = Path(parser.get_parsed_content("ckpt_path"))
         state_dir = Path(parser.get_parsed_content("state_dir"))
     if trainer.state.epoch != trainer.state.max_epochs:
-        raise RuntimeError(f"{stage.name}: training stopped at epoch {trainer.state.epoch} of {trainer.state.max_epochs}")
+        state = trainer.state
+        raise RuntimeError(f"{stage.name}: training stopped at epoch {state.epoch} of {state.max_epochs}")
     record = {
         "stage": stage.name,
         "bundle": stage.bundle,
@@ -441,7 +437,8 @@ def evaluate_cascade(dataset_dir, out: Path, num_val: int, device=None, progress
     _, val = split_cases(labelled_cases(dataset_dir), num_val)
     evaluation = Path(out) / "evaluation"
     cascade = Cascade.from_bundles(out, device=device)
-    CascadeRunner(cascade, [c["image"] for c in val], evaluation / "predictions", overwrite=True, progress=progress).run()
+    images = [c["image"] for c in val]
+    CascadeRunner(cascade, images, evaluation / "predictions", overwrite=True, progress=progress).run()
     summary = evaluate_folder(str(evaluation / "predictions"), [c["label"] for c in val], str(evaluation))
     print(format_summary(summary), flush=True)
     return summary

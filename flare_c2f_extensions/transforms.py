@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
 import cc3d
@@ -13,37 +15,36 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.data.utils import affine_to_spacing, to_affine_nd
-from monai.transforms import InvertibleTransform, MapTransform, RandomizableTransform, Transform
+from monai.transforms import (
+    InvertibleTransform,
+    MapTransform,
+    RandomizableTransform,
+    ScaleIntensityRanged,
+    Transform,
+)
 from monai.transforms.inverse import TraceableTransform
 from monai.utils import TraceKeys, TransformBackends, convert_to_numpy, convert_to_tensor, ensure_tuple_rep
 from monai.utils.misc import fall_back_tuple
 
 from .labels import ORGANS
 
+__all__ = [
+    "BOX_META_KEY", "RENAMED_KEYWORDS", "SKIPPED_META_KEY", "ClearIfSkippedd", "ClipIntensityd",
+    "CropFromMask", "CropFromMaskd", "KeepLargestComponent", "KeepLargestComponentd", "RandCropFromMask",
+    "RandCropFromMaskd", "RemapLabels", "RemapLabelsd", "ResizeToGridd", "affine_of", "box_affine", "box_from_mask",
+    "box_size", "box_slices", "crop_resize", "expand_box", "fov_affine", "get_crop_box", "keep_largest_component",
+    "label_names", "map_box", "paste_into", "remap_labels", "resize_spatial", "soft_labels",
+]
+
 logger = logging.getLogger(__name__)
 
 
-class ClipIntensity(Transform):
-    """Clip intensities to ``[minv, maxv]`` (the last step of the paper's augmentation: clip to [0, 1])."""
+class ClipIntensityd(ScaleIntensityRanged):
+    """0.1.0 configs' clip to ``[minv, maxv]``: MONAI's ``ScaleIntensityRanged`` with an identity range and
+    ``clip=True`` (what the bundles now use; exact for [0, 1]). Kept for one release for trained bundles' configs."""
 
-    def __init__(self, minv: float = 0.0, maxv: float = 1.0):
-        self.minv, self.maxv = minv, maxv
-
-    def __call__(self, img):
-        img = img if isinstance(img, torch.Tensor) else torch.as_tensor(img)
-        return img.clamp(self.minv, self.maxv)
-
-
-class ClipIntensityd(MapTransform):
     def __init__(self, keys: KeysCollection, minv: float = 0.0, maxv: float = 1.0, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.clip = ClipIntensity(minv, maxv)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.clip(d[key])
-        return d
+        super().__init__(keys, minv, maxv, minv, maxv, clip=True, allow_missing_keys=allow_missing_keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,10 +331,12 @@ def paste_into(volume_shape: Sequence[int], box: Box, crop, mode: str = "nearest
     return out[0] if spatial else out
 
 
-def _affine_of(x, ndim: int) -> np.ndarray:
+def affine_of(x, ndim: int | None = None) -> np.ndarray:
+    """The float64 voxel-to-world affine of a MetaTensor (as ``ndim`` spatial dimensions if given), else identity."""
     if isinstance(x, MetaTensor):
-        return to_affine_nd(ndim, convert_to_numpy(x.affine, wrap_sequence=True)).astype(np.float64)
-    return np.eye(ndim + 1)
+        affine = convert_to_numpy(x.affine, wrap_sequence=True)
+        return (to_affine_nd(ndim, affine) if ndim else affine).astype(np.float64)
+    return np.eye((ndim or 3) + 1)
 
 
 def get_crop_box(x) -> Box | None:
@@ -352,18 +355,37 @@ def get_crop_box(x) -> Box | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+RENAMED_KEYWORDS = {"labels": "box_labels", "soft_classes": "target_labels"}  # 0.1.0 names, accepted until 0.2.0
+
+
+def _renamed_keywords(init):
+    """Accept the crop transforms' 0.1.0 keywords (``labels``, ``soft_classes``) with a FutureWarning."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        for old, new in RENAMED_KEYWORDS.items():
+            if old in kwargs:
+                warnings.warn(f"{type(self).__name__}: {old}= is now {new}=", FutureWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+        return init(self, *args, **kwargs)
+
+    return wrapper
+
+
 class CropFromMask(InvertibleTransform):
     """Crop the box of some labels of a mask (plus a margin in mm) from an image and resize it to a fixed grid.
 
     Args:
-        labels: FLARE ids whose union defines the box, e.g. ``GROUPS["solid"]``; ``None`` for any nonzero label.
+        box_labels: FLARE ids whose union defines the box, e.g. ``GROUPS["solid"]``; ``None`` for any nonzero
+            label.
         spatial_size: the fixed output grid, e.g. 160 or (160, 160, 160); non-positive entries keep the box size.
         margin_mm: margin added on each side of the tight box, in millimetres (scalar, per axis, or per axis and
-            side); converted with the image's spacing (from its affine) and rounded up to whole voxels.
+            side); converted with the image's spacing (from its affine) and rounded up to whole voxels. Not MONAI's
+            ``CropForeground``, whose margin is in voxels: CT slices are often several times thicker than a pixel.
         min_size_mm: optional per-axis minimum box size in millimetres; a smaller box grows about the organ's
             centre (and slides inside the volume at the border).
         mode: interpolation of the crop: ``"trilinear"`` for images, ``"nearest"`` for label maps, ``"soft"`` for
-            training targets: a FLARE-id label map becomes background + ``soft_classes`` (default ``labels``; the
+            training targets: a FLARE-id label map becomes background + ``target_labels`` (default ``box_labels``; the
             locator crops the box of all foreground but learns only the small organs) one-hot inside the crop and is
             resized linearly, so the target holds the fraction of each class in each output voxel. A network
             trained on soft targets and fused linearly (as the cascade does) keeps organ boundaries that a hard
@@ -381,7 +403,7 @@ class CropFromMask(InvertibleTransform):
     mask's grid, mapped to the image's voxel grid (a coarse voxel counts with its whole extent), grown by the
     margin and the minimum size, and clamped to the volume. Only the crop is resampled.
 
-    Skipping: when the mask holds none of ``labels``, nothing is raised; the box becomes the whole volume (so
+    Skipping: when the mask holds none of ``box_labels``, nothing is raised; the box becomes the whole volume (so
     the output still has ``spatial_size`` and still inverts exactly), the output's meta gets
     ``crop_skipped=True`` and the recorded operation ``skipped=True``, and a warning
     ``"no <organs> in mask: stage skipped"`` is logged. :func:`get_crop_box` then returns ``None``.
@@ -396,18 +418,19 @@ class CropFromMask(InvertibleTransform):
 
     backend = [TransformBackends.TORCH]
 
+    @_renamed_keywords
     def __init__(
         self,
-        labels: Sequence[int] | None = None,
+        box_labels: Sequence[int] | None = None,
         spatial_size: Sequence[int] | int = 160,
         margin_mm=0.0,
         min_size_mm: Sequence[float] | float | None = None,
         mode: str = "trilinear",
         mask_grid: str = "auto",
-        soft_classes: Sequence[int] | None = None,
+        target_labels: Sequence[int] | None = None,
     ):
-        self.labels = None if labels is None else tuple(int(v) for v in labels)
-        self.soft_classes = self.labels if soft_classes is None else tuple(int(v) for v in soft_classes)
+        self.box_labels = None if box_labels is None else tuple(int(v) for v in box_labels)
+        self.target_labels = self.box_labels if target_labels is None else tuple(int(v) for v in target_labels)
         self.spatial_size = spatial_size
         self.margin_mm = margin_mm
         self.min_size_mm = min_size_mm
@@ -437,7 +460,7 @@ class CropFromMask(InvertibleTransform):
         if grid == "affine":
             if not isinstance(mask, MetaTensor):
                 raise ValueError("mask_grid='affine' needs the mask as a MetaTensor with its affine")
-            return np.linalg.inv(_affine_of(img, nd)) @ _affine_of(mask, nd)
+            return np.linalg.inv(affine_of(img, nd)) @ affine_of(mask, nd)
         return fov_affine(m_shape, img_shape)
 
     def compute_box(self, img, mask, extra_margin_mm=None, shift_mm=None) -> Box | None:
@@ -447,13 +470,13 @@ class CropFromMask(InvertibleTransform):
         """
         img_shape = tuple(int(s) for s in img.shape[1:])
         nd = len(img_shape)
-        tight = box_from_mask(_spatial_mask(mask, nd), self.labels)
+        tight = box_from_mask(_spatial_mask(mask, nd), self.box_labels)
         if tight is None:
             return None
         src_to_dst = self._mask_to_image(img, mask, img_shape)
         if src_to_dst is not None:
             tight = map_box(tight, src_to_dst, img_shape)
-        spacing = np.asarray(affine_to_spacing(_affine_of(img, nd), r=nd), dtype=np.float64)
+        spacing = np.asarray(affine_to_spacing(affine_of(img, nd), r=nd), dtype=np.float64)
         margin_mm = _per_side(self.margin_mm, nd, "margin_mm")
         if extra_margin_mm is not None:
             margin_mm = margin_mm + _per_side(extra_margin_mm, nd, "extra_margin_mm")
@@ -465,7 +488,7 @@ class CropFromMask(InvertibleTransform):
         return expand_box(tight, img_shape, margin_vox, min_vox, shift_vox)
 
     def warn_skipped(self) -> None:
-        logger.warning("no %s in mask: stage skipped", label_names(self.labels))
+        logger.warning("no %s in mask: stage skipped", label_names(self.box_labels))
 
     # -- forward / inverse ----------------------------------------------------------------------------------------
 
@@ -480,7 +503,7 @@ class CropFromMask(InvertibleTransform):
         out_size = tuple(int(s) for s in fall_back_tuple(wanted, box_size(box)))
         mode = self.mode if mode is None else mode
         if mode == "soft":
-            data = soft_labels(img_t[(slice(None),) + box_slices(box)], self.soft_classes)
+            data = soft_labels(img_t[(slice(None),) + box_slices(box)], self.target_labels)
             data = resize_spatial(data, out_size, "trilinear")
         else:
             data = crop_resize(img_t, box, out_size, mode)
@@ -563,9 +586,10 @@ class _BoxJitter(RandomizableTransform):
 class RandCropFromMask(_BoxJitter, CropFromMask):
     """:class:`CropFromMask` with a random jitter of the box's margin and position (training)."""
 
+    @_renamed_keywords
     def __init__(
         self,
-        labels: Sequence[int] | None = None,
+        box_labels: Sequence[int] | None = None,
         spatial_size: Sequence[int] | int = 160,
         margin_mm=0.0,
         min_size_mm: Sequence[float] | float | None = None,
@@ -574,9 +598,12 @@ class RandCropFromMask(_BoxJitter, CropFromMask):
         jitter_margin_mm=0.0,
         jitter_shift_mm=0.0,
         prob: float = 1.0,
-        soft_classes: Sequence[int] | None = None,
+        target_labels: Sequence[int] | None = None,
     ):
-        CropFromMask.__init__(self, labels, spatial_size, margin_mm, min_size_mm, mode, mask_grid, soft_classes)
+        CropFromMask.__init__(
+            self, box_labels=box_labels, spatial_size=spatial_size, margin_mm=margin_mm, min_size_mm=min_size_mm,
+            mode=mode, mask_grid=mask_grid, target_labels=target_labels,
+        )
         self._init_jitter(jitter_margin_mm, jitter_shift_mm, prob)
 
     def __call__(self, img, mask, mode: str | None = None, randomize: bool = True) -> torch.Tensor:
@@ -603,11 +630,12 @@ class CropFromMaskd(MapTransform, InvertibleTransform):
 
     backend = CropFromMask.backend
 
+    @_renamed_keywords
     def __init__(
         self,
         keys: KeysCollection,
         mask_key: str,
-        labels: Sequence[int] | None = None,
+        box_labels: Sequence[int] | None = None,
         spatial_size: Sequence[int] | int = 160,
         margin_mm=0.0,
         min_size_mm: Sequence[float] | float | None = None,
@@ -616,14 +644,15 @@ class CropFromMaskd(MapTransform, InvertibleTransform):
         box_key: str | None = BOX_META_KEY,
         skipped_key: str | None = SKIPPED_META_KEY,
         allow_missing_keys: bool = False,
-        soft_classes: Sequence[int] | None = None,
+        target_labels: Sequence[int] | None = None,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.mask_key = mask_key
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         self.box_key, self.skipped_key = box_key, skipped_key
         self.cropper = CropFromMask(
-            labels, spatial_size, margin_mm, min_size_mm, self.mode[0], mask_grid, soft_classes
+            box_labels=box_labels, spatial_size=spatial_size, margin_mm=margin_mm, min_size_mm=min_size_mm,
+            mode=self.mode[0], mask_grid=mask_grid, target_labels=target_labels,
         )
 
     def _jitter(self, ndim: int):
@@ -663,11 +692,12 @@ class RandCropFromMaskd(_BoxJitter, CropFromMaskd):
     ``monai.utils.set_determinism`` (through ``Compose``).
     """
 
+    @_renamed_keywords
     def __init__(
         self,
         keys: KeysCollection,
         mask_key: str,
-        labels: Sequence[int] | None = None,
+        box_labels: Sequence[int] | None = None,
         spatial_size: Sequence[int] | int = 160,
         margin_mm=0.0,
         min_size_mm: Sequence[float] | float | None = None,
@@ -679,11 +709,12 @@ class RandCropFromMaskd(_BoxJitter, CropFromMaskd):
         box_key: str | None = BOX_META_KEY,
         skipped_key: str | None = SKIPPED_META_KEY,
         allow_missing_keys: bool = False,
-        soft_classes: Sequence[int] | None = None,
+        target_labels: Sequence[int] | None = None,
     ):
         CropFromMaskd.__init__(
-            self, keys, mask_key, labels, spatial_size, margin_mm, min_size_mm, mode, mask_grid, box_key,
-            skipped_key, allow_missing_keys, soft_classes,
+            self, keys, mask_key, box_labels=box_labels, spatial_size=spatial_size, margin_mm=margin_mm,
+            min_size_mm=min_size_mm, mode=mode, mask_grid=mask_grid, box_key=box_key, skipped_key=skipped_key,
+            allow_missing_keys=allow_missing_keys, target_labels=target_labels,
         )
         self._init_jitter(jitter_margin_mm, jitter_shift_mm, prob)
 
@@ -767,7 +798,8 @@ class RemapLabels(InvertibleTransform):
 
     ``labels``: the stage's FLARE ids in local order, e.g. ``GROUPS["digestive"] == (4, 11, 12)``.
     Invertible: ``inverse`` maps the other way (so ``Invertd`` turns a local prediction into FLARE ids); labels
-    outside the stage are lost by the forward map.
+    outside the stage are lost by the forward map. Not MONAI's ``MapLabelValue``: that one keeps the ids it is not
+    given (another organ's id would read as a local class) and has no inverse.
     """
 
     backend = [TransformBackends.TORCH]
@@ -823,7 +855,8 @@ def keep_largest_component(
 
     ``label_map`` is a 2D/3D integer numpy array; returns a new array of the same dtype. One multi-label cc3d pass
     (components never join different labels) inside the bounding box of the foreground, then one lookup.
-    Ties keep the component met first in memory order.
+    Ties keep the component met first in memory order. Not MONAI's ``KeepLargestConnectedComponent``: that one labels
+    each organ in a pass of its own (and needs scikit-image on the CPU); the result is the same (tested).
     """
     arr = np.asarray(label_map)
     if arr.flags.f_contiguous and not arr.flags.c_contiguous:

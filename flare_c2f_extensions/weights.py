@@ -3,7 +3,7 @@
 A checkpoint is what the stage bundles' ``CheckpointSaver`` writes (``{"model": state_dict}``) or a bare state
 dict. It is always read with ``torch.load(..., weights_only=True)``: a checkpoint never runs code. Missing,
 truncated, Git-LFS pointer, foreign-format and wrong-shape checkpoints end in one
-:class:`~flare_c2f_extensions.data.InputError` that names the stage, the file and the problem.
+:class:`~flare_c2f_extensions.errors.InputError` that names the stage, the file and the problem.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .data import InputError
+from .errors import InputError
 
 __all__ = ["load_weights"]
 

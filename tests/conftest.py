@@ -7,24 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flare_c2f_extensions.quickstart import bundle_workflow  # noqa: F401  (the tests run bundles the quickstart's way)
-
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
-# The MONAI bundle metadata schema is not in the repository; point this variable at a local copy to check the
-# bundles' metadata against it (CI sets it). Without it the schema checks skip and say how to enable them.
-SCHEMA_ENV = "FLARE_C2F_METADATA_SCHEMA"
+from helpers import SCHEMA_ENV
 
 # one thread: the tests' tiny networks gain nothing from two, and one keeps runs repeatable under load
 torch.set_num_threads(1)
 
-# Tiny network and grid for CPU tests; set through config overrides only, as a user would.
-TINY = {
-    "spatial_size": [32, 32, 32],
-    "network_def#channels": [4, 8, 8, 8, 8],
-    "num_workers": 0,
-}
-TINY_TRAIN = {**TINY, "batch_size": 2, "num_val": 1, "max_epochs": 1, "val_interval": 1}
 
 
 @pytest.fixture(scope="session")

@@ -11,24 +11,17 @@ import pytest
 import torch
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from conftest import BUNDLES, bundle_workflow
-from flare_c2f_extensions import data as data_module
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
-from flare_c2f_extensions.data import read_ct
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.images import read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.transforms import ResizeToGridd
 
+from helpers import BUNDLES, TINY_CHANNELS, TINY_STAGES, bundle_workflow
+
 BUNDLE = "flare22_cascade"
 CONFIGS = BUNDLES / BUNDLE / "configs"
-TINY_NET = {"network_def": {"channels": [4, 8, 8, 8, 8]}}
-TINY_STAGES = {
-    "coarse": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "solid": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "digestive": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "vessels": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "locator": {**TINY_NET, "spatial_size": [32, 32, 32]},
-    "refiner": {**TINY_NET, "spatial_size": [32, 32, 32]},
-}
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +38,18 @@ def test_metadata_matches_schema(schema):
 def test_entry_network_matches_metadata():
     verify_net_in_out(
         net_id="network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.json"),
-        device="cpu", n=1, **{"network_def#channels": [4, 8, 8, 8, 8]},
+        device="cpu", n=1, **{"network_def#channels": TINY_CHANNELS},
     )
 
 
 def test_every_stage_is_loaded_once(random_cascade):
     assert [s.name for s in random_cascade.groups] == ["solid", "digestive", "vessels"]
     assert [s.labels for s in random_cascade.refiners] == [(7,), (8,), (9,), (10,)]
-    assert random_cascade.locator.cropper.labels is None  # the abdomen ROI: all coarse foreground
+    assert random_cascade.locator.cropper.box_labels is None  # the abdomen ROI: all coarse foreground
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):
-    with pytest.raises(data_module.InputError, match="no weights for the coarse stage"):
+    with pytest.raises(InputError, match="no weights for the coarse stage"):
         Cascade.from_bundles(BUNDLES, device="cpu", stage_overrides={"coarse": {"bundle_root": str(tmp_path)}})
 
 
@@ -110,7 +103,7 @@ def test_a_bad_case_is_reported_and_the_others_finish(random_cascade, cohort, tm
     raw = (batch / good[0].name).read_bytes()
     (batch / "FLARE22_Ts_0000_0000.nii.gz").write_bytes(raw[: len(raw) // 2])  # truncated: sorts first
     out = tmp_path / "out"
-    report = CascadeRunner(random_cascade, data_module.find_images(batch), out, progress=False).run()
+    report = CascadeRunner(random_cascade, find_images(batch), out, progress=False).run()
     statuses = {case["case"]: case["status"] for case in report["cases"]}
     assert statuses == {"FLARE22_Ts_0000": "failed", "FLARE22_Ts_0001": "done", "FLARE22_Ts_0002": "done"}
     failed = next(case for case in report["cases"] if case["status"] == "failed")
@@ -154,7 +147,8 @@ def test_bundle_runs_the_monai_way(cohort, tmp_path):
     assert not workflow.check_properties()
     workflow.run()
     workflow.finalize()
-    assert sorted(p.name for p in tmp_path.glob("FLARE22_Ts_*.nii.gz")) == ["FLARE22_Ts_0001.nii.gz", "FLARE22_Ts_0002.nii.gz"]
+    written = sorted(p.name for p in tmp_path.glob("FLARE22_Ts_*.nii.gz"))
+    assert written == ["FLARE22_Ts_0001.nii.gz", "FLARE22_Ts_0002.nii.gz"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_cases"] == 2 and len(summary["organs"]) == 13
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from conftest import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
+from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 
 BUNDLE = "flare22_coarse"
 CONFIGS = BUNDLES / BUNDLE / "configs"
@@ -48,7 +48,8 @@ def test_train_writes_checkpoint(trained):
 
 
 def test_evaluate_overlay_runs_on_checkpoint(trained, cohort):
-    workflow = bundle_workflow(BUNDLE, ["train.json", "evaluate.json"], "eval", trained, dataset_dir=str(cohort), **TINY_TRAIN)
+    configs = ["train.json", "evaluate.json"]
+    workflow = bundle_workflow(BUNDLE, configs, "eval", trained, dataset_dir=str(cohort), **TINY_TRAIN)
     workflow.initialize()
     assert not workflow.check_properties()
     workflow.run()

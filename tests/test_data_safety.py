@@ -23,14 +23,25 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLES, REPO
 import flare_c2f_extensions.cascade as cascade_module
 from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner, load_stage
-from flare_c2f_extensions.data import InputError, find_images, image_geometry, qform_holds, read_ct, save_label_map
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.images import image_geometry, read_ct
+from flare_c2f_extensions.label_maps import qform_holds, save_label_map
 from flare_c2f_extensions.phantom import make_case
-from test_hostile_input import _cli
-from test_invariance import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
-from test_real_ct import write_dicom_series
+
+from helpers import (  # noqa: F401
+    BUNDLES,
+    REPO,
+    TINY_STAGES,
+    assert_same_geometry,
+    no_hang,
+    run_cascade_cli,
+    save,
+    tiny_cascade,
+    write_dicom_series,
+)
 
 LFS = "version https://git-lfs.github.com/spec/v1"
 TINY_CHANNELS = (4, 8, 8, 8, 8)
@@ -164,7 +175,7 @@ def test_bundle_exit_status_and_failed_cases_listed(good, tmp_path):
     folder.mkdir()
     for name in ("nan1", "nan2"):  # every case fails
         save(np.full(image.shape, np.nan, np.float32), affine, folder / f"{name}_0000.nii.gz", np.float32)
-    failed = _cli(tmp_path, tmp_path / "out")
+    failed = run_cascade_cli(tmp_path, tmp_path / "out")
     assert failed.returncode == FAILED_CASES_EXIT_STATUS, failed.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "efficiency.json").read_text())  # written before the exit
     assert report["num_failed"] == 2 and report["num_done"] == 0
@@ -177,7 +188,7 @@ def test_bundle_exit_status_and_failed_cases_listed(good, tmp_path):
         path.unlink()
     shutil.copy(good[0], folder / "good_0000.nii.gz")
     for status in ("done", "exists"):  # 0 when every case is done, or finished before
-        result = _cli(tmp_path, tmp_path / "out2")
+        result = run_cascade_cli(tmp_path, tmp_path / "out2")
         assert result.returncode == 0, result.stderr[-2000:]
         report = json.loads((tmp_path / "out2" / "efficiency.json").read_text())
         assert [case["status"] for case in report["cases"]] == [status]
@@ -354,7 +365,7 @@ def _label_map(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.uint8)
     return path
 
 
-def _evaluate_cli(*args) -> subprocess.CompletedProcess:
+def _evaluaterun_cascade_cli(*args) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "flare_c2f_extensions", "evaluate", *map(str, args)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -383,7 +394,7 @@ def test_evaluate_reorients_isolates_failures_and_reports_unknown_labels(tmp_pat
     _label_map(pred / "odd.nii.gz", odd, case.affine, np.int16)
 
     out = tmp_path / "out"
-    result = _evaluate_cli("--pred", pred, "--gt", gt, "--out", out)
+    result = _evaluaterun_cascade_cli("--pred", pred, "--gt", gt, "--out", out)
     assert result.returncode == FAILED_CASES_EXIT_STATUS, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["failed_cases"]) == {"shifted", "fourd", "cut"}
@@ -410,7 +421,7 @@ def test_evaluate_checks_folders_before_scoring(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "_score_case", lambda *a: pytest.fail("scored before the output was checked"))
     with pytest.raises(InputError, match="evaluation output folder cannot be created"):
         metrics.evaluate_folder(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "blocker" / "out"))
-    result = _evaluate_cli("--pred", tmp_path / "nopred", "--gt", tmp_path / "gt", "--out", tmp_path / "out")
+    result = _evaluaterun_cascade_cli("--pred", tmp_path / "nopred", "--gt", tmp_path / "gt", "--out", tmp_path / "out")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert str(tmp_path / "nopred") in errors[0] and "prediction folder does not exist" in errors[0]

@@ -9,20 +9,18 @@ import shutil
 import subprocess
 import sys
 
+import onnxruntime
+import onnxscript  # noqa: F401  (the test extra installs onnx, onnxscript and onnxruntime; ONNX export needs it)
 import pytest
 import torch
 
-from conftest import BUNDLES
 from flare_c2f_extensions.cascade import STAGE_BUNDLES, Cascade
-from flare_c2f_extensions.labels import GROUPS, ORGANS
 from flare_c2f_extensions.export import export_checkpoint
+from flare_c2f_extensions.labels import GROUPS, ORGANS
 
-import onnxruntime
-import onnxscript  # noqa: F401  (the test extra installs onnx, onnxscript and onnxruntime; ONNX export needs it)
+from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID
 
-TINY_CHANNELS = [4, 8, 8, 8, 8]
-TINY_SIZE = [32, 32, 32]
-TINY = {"network_def#channels": TINY_CHANNELS, "spatial_size": TINY_SIZE}
+TINY = {"network_def#channels": TINY_CHANNELS, "spatial_size": TINY_GRID}
 STAGES = STAGE_BUNDLES  # cascade stage -> bundle
 REFINER_ORGANS = [ORGANS[label] for label in GROUPS["small"]]
 TS_TOLERANCE = 1e-5  # same kernels: expected 0
@@ -87,7 +85,7 @@ def test_monai_command_lines_export_the_coarse_network(bundles, tmp_path):
         assert path.is_file()
     network = _network("flare22_coarse", TINY)
     network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
-    x = torch.rand(1, 1, *TINY_SIZE, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(1, 1, *TINY_GRID, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = network.eval()(x)
         assert (torch.jit.load(str(ts))(x) - reference).abs().max() <= TS_TOLERANCE
@@ -106,7 +104,7 @@ def test_plain_ckpt_export_scripts_every_stage(bundle, bundles, tmp_path):
     ckpt_export(
         net_id="network_def", filepath=str(path), ckpt_file=str(_checkpoint(bundles, bundle)),
         meta_file=str(root / "configs" / "metadata.json"), config_file=str(root / "configs" / "inference.json"),
-        bundle_root=str(root), input_shape=[1, 1, *TINY_SIZE], **{"network_def#channels": TINY_CHANNELS},
+        bundle_root=str(root), input_shape=[1, 1, *TINY_GRID], **{"network_def#channels": TINY_CHANNELS},
     )
     module = torch.jit.load(str(path))
     assert isinstance(module, torch.jit.ScriptModule)
@@ -131,7 +129,7 @@ def test_torchscript_module_carries_metadata_and_loads_with_monai(bundles, tmp_p
     )
     assert meta["version"] == json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
     assert "network_def" in json.loads(extra["inference.json"])
-    assert module(torch.rand(1, 1, *TINY_SIZE)).shape == (1, 14, *TINY_SIZE)
+    assert module(torch.rand(1, 1, *TINY_GRID)).shape == (1, 14, *TINY_GRID)
 
 
 def test_paper_size_network_exports(bundles, tmp_path):
@@ -149,7 +147,7 @@ def test_paper_size_network_exports(bundles, tmp_path):
 
 
 def _stage_overrides(ts: bool) -> dict:
-    overrides = {stage: {"network_def": {"channels": TINY_CHANNELS}, "spatial_size": TINY_SIZE} for stage in STAGES}
+    overrides = {stage: {"network_def": {"channels": TINY_CHANNELS}, "spatial_size": TINY_GRID} for stage in STAGES}
     if ts:
         for stage in STAGES:
             if stage == "refiner":
@@ -182,7 +180,7 @@ def test_cascade_from_torchscript_stages_gives_the_same_labels(amp, bundles, coh
 
 def test_missing_torchscript_module_is_a_clear_error(bundles):
     from flare_c2f_extensions.cascade import load_stage
-    from flare_c2f_extensions.data import InputError
+    from flare_c2f_extensions.errors import InputError
 
     with pytest.raises(InputError, match="no TorchScript module for the coarse stage"):
         load_stage("coarse", bundles / "flare22_coarse", "cpu", {"ckpt_path": str(bundles / "nowhere.ts")})

@@ -18,9 +18,11 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from monai.utils import set_determinism
 
-from conftest import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
-from flare_c2f_extensions.data import InputError, input_error_in, labelled_cases
+from flare_c2f_extensions.discovery import labelled_cases
+from flare_c2f_extensions.errors import InputError, input_error_in
 from flare_c2f_extensions.labels import GROUPS, ORGANS, channel_def
+
+from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 
 GROUP_OF_BUNDLE = {
     "flare22_fine_solid": "solid",
@@ -187,7 +189,8 @@ def test_train_writes_checkpoint(trained):
 def test_evaluate_overlay_scores_the_groups_organs(trained, cohort):
     bundle, root = trained
     group = GROUPS[GROUP_OF_BUNDLE[bundle]]
-    workflow = bundle_workflow(bundle, ["train.json", "evaluate.json"], "eval", root, dataset_dir=str(cohort), **TINY_TRAIN)
+    configs = ["train.json", "evaluate.json"]
+    workflow = bundle_workflow(bundle, configs, "eval", root, dataset_dir=str(cohort), **TINY_TRAIN)
     workflow.initialize()
     assert not workflow.check_properties()
     workflow.run()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, SCHEMA_ENV
+from helpers import REPO, SCHEMA_ENV
 
 FAST_SUBSET = ["tests/test_network.py", "tests/test_coarse_bundle.py"]
 SKIP_SLOW = "not bad_input_is_a_clear_error"  # each starts a process: minutes on two cores, nothing more of the clone

@@ -2,7 +2,7 @@
 never a hang, never a partial output file, never harm to the other cases of a batch.
 
 Every hostile case runs in a batch beside a good case (``find_images`` + ``CascadeRunner``, as the cascade bundle
-runs them), and the good case must be written. Policies (``flare_c2f_extensions.data``): NaN voxels become air
+runs them), and the good case must be written. Policies (``flare_c2f_extensions.images``): NaN voxels become air
 and infinities the window's ends, with a warning (all non-finite is an error); 8-bit integer images are an error
 (a label map); a 16-bit image with no air gets a warning and is segmented; an unwritable output folder fails before
 any case runs. A few cases also go through ``python -m monai.bundle run`` with the cascade's inference.json.
@@ -15,23 +15,19 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLES
 from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner
-from flare_c2f_extensions.data import InputError, find_images
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.phantom import make_case
-from test_invariance import TINY_STAGES, assert_same_geometry, no_hang, save, tiny_cascade  # noqa: F401
-from test_real_ct import write_dicom_series
 
-CLI_TIMEOUT_S = 300
+from helpers import TINY_STAGES, assert_same_geometry, no_hang, run_cascade_cli, save, tiny_cascade, write_dicom_series  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +122,8 @@ def _huge_claim(folder: Path) -> Path:
     image = nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), np.eye(4))
     header = image.header.copy()
     header.set_data_shape((1000, 1000, 1000))
-    raw = header.binaryblock + b"\0" * (int(header["vox_offset"]) - header.sizeof_hdr) + np.zeros(1000, np.int16).tobytes()
+    padding = b"\0" * (int(header["vox_offset"]) - header.sizeof_hdr)
+    raw = header.binaryblock + padding + np.zeros(1000, np.int16).tobytes()
     path = folder / "bad_0000.nii.gz"
     path.write_bytes(gzip.compress(raw))
     return path
@@ -403,7 +400,7 @@ def test_find_images_policies(good, tmp_path, caplog):
     with pytest.raises(InputError, match="must be a 3D volume"):  # nothing usable: an error at once
         find_images(folder)
     shutil.copy(good[0], folder / "good_0000.nii.gz")
-    with caplog.at_level(logging.WARNING, "flare_c2f_extensions.data"):
+    with caplog.at_level(logging.WARNING, "flare_c2f_extensions.inputs"):
         listed = [Path(item["image"]).name for item in find_images(folder)]
     assert listed == ["flat_0000.nii.gz", "good_0000.nii.gz"]  # the bad one fails later, on its own
     assert any("flat_0000.nii.gz" in record.getMessage() for record in caplog.records)
@@ -414,19 +411,6 @@ def test_find_images_policies(good, tmp_path, caplog):
 
 
 # -- the same through the command line -----------------------------------------------------------------------------
-
-
-def _cli(dataset_dir: Path, output_dir: Path) -> subprocess.CompletedProcess:
-    bundle = BUNDLES / "flare22_cascade"
-    command = [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str(bundle / "configs" / "inference.json"),
-        "--bundle_root", str(bundle), "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir),
-        "--device", "cpu", "--require_weights", "False", "--progress", "False",
-        "--stage_overrides", repr(TINY_STAGES),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as conftest sets for the tests
-    return subprocess.run(command, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=bundle, env=env)
 
 
 def test_cli_batch_with_hostile_cases(good, tmp_path):
@@ -446,7 +430,7 @@ def test_cli_batch_with_hostile_cases(good, tmp_path):
     save(image[:, :, :3], affine, folder / "thin_0000.nii.gz", np.int16)
     save((image > 0).astype(np.uint8), affine, folder / "label_0000.nii.gz", np.uint8)
     out = tmp_path / "out"
-    result = _cli(tmp_path, out)
+    result = run_cascade_cli(tmp_path, out)
     assert result.returncode == FAILED_CASES_EXIT_STATUS, result.stderr[-3000:]
     report = json.loads((out / "efficiency.json").read_text())
     statuses = {case["case"]: case["status"] for case in report["cases"]}
@@ -470,7 +454,7 @@ def test_cli_unwritable_output_is_one_clear_error(good, tmp_path):
     shutil.copy(good[0], folder / "good_0000.nii.gz")
     (tmp_path / "blocker").write_text("a regular file")
     output = tmp_path / "blocker" / "out"
-    result = _cli(tmp_path, output)
+    result = run_cascade_cli(tmp_path, output)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr

@@ -20,9 +20,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO
 from flare_c2f_extensions.paths import CASCADE_BUNDLE, ENV_VAR, STAGE_BUNDLES
-from test_segment import TINY_STAGES, write_phantom
+
+from helpers import REPO, TINY_STAGES, write_phantom
 
 SOURCES = ["pyproject.toml", "README.md", "LICENSE", "bundles", "flare_c2f_extensions"]
 OFFLINE = {"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}

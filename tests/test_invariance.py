@@ -6,13 +6,12 @@ the same label map once both are mapped back to physical space; this holds for r
 oblique affines (the copy flips/permutes the same oblique image). The voxel type (integer, float, NIfTI scaling)
 must not matter either. The same checks on the real sample CT are in ``test_real_ct.py``.
 
-The helpers here (copies, comparison, the tiny cascade, the timeout guard) are shared by the other two test files
-of issue 5.
+The helpers (copies, comparison, the tiny cascade, the timeout guard) are in ``helpers.py``, shared with the other
+test files of issue 5.
 """
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -20,153 +19,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLES
-from flare_c2f_extensions.cascade import Cascade, CascadeRunner
-from flare_c2f_extensions.data import find_images, read_ct
+from flare_c2f_extensions.images import read_ct
 from flare_c2f_extensions.phantom import make_case
 
-TINY_NET = {"network_def": {"channels": [4, 8, 8, 8, 8]}}
-TINY_STAGES = {
-    name: {**TINY_NET, "spatial_size": [32, 32, 32]}
-    for name in ("coarse", "solid", "digestive", "vessels", "locator", "refiner")
-}
-TEST_TIMEOUT_S = 120
-
-
-# -- shared helpers ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def no_hang():
-    """Fail a test that runs longer than ``TEST_TIMEOUT_S`` instead of hanging the run (SIGALRM, main thread)."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"test took over {TEST_TIMEOUT_S} s: a hang?")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(TEST_TIMEOUT_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
-def tiny_cascade(seed: int = 0) -> Cascade:
-    """Every stage with random (seeded) weights: the networks' answers are arbitrary but deterministic."""
-    torch.manual_seed(seed)
-    return Cascade.from_bundles(BUNDLES, device="cpu", stage_overrides=TINY_STAGES, require_weights=False)
-
-
-def save(data: np.ndarray, affine: np.ndarray, path: Path, dtype=None, slope_inter=None) -> Path:
-    """Write a NIfTI with ``affine`` in qform and sform (``dtype``/``slope_inter``: how it is stored).
-
-    Integer ``dtype``: ``data`` is stored as it is (cast first, so that nibabel does not invent a scaling).
-    """
-    data = np.asarray(data)
-    if dtype is not None and np.dtype(dtype).kind in "ui":
-        data = data.astype(dtype)
-    image = nib.Nifti1Image(data, affine)
-    if dtype is not None:
-        image.set_data_dtype(dtype)
-    if slope_inter is not None:
-        image.header.set_slope_inter(*slope_inter)
-    image.set_qform(affine, 1)
-    image.set_sform(affine, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
-    return path
-
-
-def flipped(data: np.ndarray, affine: np.ndarray, axes) -> tuple[np.ndarray, np.ndarray]:
-    """The same physical image with the array reversed along ``axes`` (voxel i -> n-1-i)."""
-    affine = np.array(affine, dtype=np.float64)
-    for axis in axes:
-        data = np.flip(data, axis)
-        affine[:3, 3] += affine[:3, axis] * (data.shape[axis] - 1)
-        affine[:3, axis] *= -1
-    return np.ascontiguousarray(data), affine
-
-
-def permuted(data: np.ndarray, affine: np.ndarray, order) -> tuple[np.ndarray, np.ndarray]:
-    """The same physical image with array axes in ``order`` (new axis k is old axis ``order[k]``)."""
-    affine = np.array(affine, dtype=np.float64)
-    affine[:, :3] = affine[:, list(order)]
-    return np.ascontiguousarray(np.transpose(data, order)), affine
-
-
-def rotated(affine: np.ndarray, degrees=(4.0, -3.0, 5.0)) -> np.ndarray:
-    """``affine`` turned about the world origin by small angles about x, y and z: an oblique acquisition."""
-    ax, ay, az = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    turn = np.eye(4)
-    turn[:3, :3] = rz @ ry @ rx
-    return turn @ np.asarray(affine, dtype=np.float64)
-
-
-# Copies of one image: (name, how). Flips of one and of all axes, a cyclic permutation, a swap plus flip.
-COPIES = {
-    "flip_x": lambda d, a: flipped(d, a, (0,)),
-    "flip_all": lambda d, a: flipped(d, a, (0, 1, 2)),
-    "permute_zxy": lambda d, a: permuted(d, a, (2, 0, 1)),
-    "swap_xy_flip_z": lambda d, a: flipped(*permuted(d, a, (1, 0, 2)), (2,)),
-}
-
-
-def write_copies(data: np.ndarray, affine: np.ndarray, folder: Path, dtype=np.int16) -> dict[str, Path]:
-    """The original and every copy of :data:`COPIES` as ``folder/<name>_0000.nii.gz``."""
-    paths = {"original": save(data, affine, folder / "original_0000.nii.gz", dtype)}
-    for name, make in COPIES.items():
-        paths[name] = save(*make(data, affine), folder / f"{name}_0000.nii.gz", dtype)
-    return paths
-
-
-def physical(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A label map in the closest canonical (RAS) layout: array and affine, comparable across storages."""
-    canonical = nib.as_closest_canonical(nib.load(str(path)))
-    return np.asarray(canonical.dataobj), canonical.affine
-
-
-def assert_same_physical_labels(reference: Path, other: Path) -> None:
-    ref_labels, ref_affine = physical(reference)
-    labels, affine = physical(other)
-    assert labels.shape == ref_labels.shape, f"{other.name}: canonical shape differs"
-    # the same grid up to the float32 rounding of NIfTI affines
-    assert np.allclose(affine, ref_affine, atol=1e-4), f"{other.name}: not the same physical grid"
-    differing = int(np.count_nonzero(labels != ref_labels))
-    assert differing == 0, f"{other.name}: {differing} voxels differ from {reference.name} in physical space"
-
-
-def assert_same_geometry(output: Path, image: Path) -> None:
-    """The label map has exactly the image's 3D shape and affine, as uint8."""
-    written, source = nib.load(str(output)), nib.load(str(image))
-    assert written.shape == source.shape[:3]
-    assert np.array_equal(written.affine, source.affine)
-    assert written.get_data_dtype() == np.uint8
-
-
-def segment_batch(cascade: Cascade, folder: Path, out: Path) -> dict:
-    """Run the batch runner on the images of ``folder`` (or ``folder/imagesTs``), as the cascade bundle does;
-    every case must succeed."""
-    report = CascadeRunner(cascade, find_images(folder), out, progress=False).run()
-    assert report["num_failed"] == 0, report
-    return report
-
-
-def check_invariance(cascade: Cascade, data: np.ndarray, affine: np.ndarray, tmp_path: Path) -> dict[str, Path]:
-    """Segment the image and all its copies in one batch; all label maps agree in physical space."""
-    images = write_copies(data, affine, tmp_path / "images")
-    out = tmp_path / "out"
-    segment_batch(cascade, tmp_path / "images", out)
-    outputs = {name: out / f"{name}.nii.gz" for name in images}
-    for name, image in images.items():
-        assert_same_geometry(outputs[name], image)
-    labels = np.asarray(nib.load(str(outputs["original"])).dataobj)
-    assert len(np.unique(labels)) > 3, "a trivial label map would prove nothing"
-    for name in COPIES:
-        assert_same_physical_labels(outputs["original"], outputs[name])
-    return outputs
-
+from helpers import (  # noqa: F401  (no_hang: an autouse fixture)
+    COPIES,
+    check_invariance,
+    no_hang,
+    rotated,
+    save,
+    segment_batch,
+    tiny_cascade,
+    write_copies,
+)
 
 # -- tests ---------------------------------------------------------------------------------------------------------
 

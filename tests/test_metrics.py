@@ -25,8 +25,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from flare_c2f_extensions.discovery import case_name, is_nifti
 from flare_c2f_extensions.labels import NSD_TOLERANCE_MM, ORGAN_IDS, ORGANS, SLAB_ORGANS
-from flare_c2f_extensions.data import case_name, is_nifti
 from flare_c2f_extensions.metrics import (
     evaluate_case,
     evaluate_folder,
@@ -41,7 +41,7 @@ LIVER, AORTA, IVC, GALLBLADDER, ESOPHAGUS, DUODENUM = 1, 5, 6, 9, 10, 12
 def box(shape, lo, size, label=1, dtype=np.uint8):
     """Label map of ``shape`` holding one box ``[lo, lo + size)`` of ``label``."""
     out = np.zeros(shape, dtype)
-    out[tuple(slice(l, l + s) for l, s in zip(lo, size))] = label
+    out[tuple(slice(start, start + s) for start, s in zip(lo, size))] = label
     return out
 
 

@@ -13,8 +13,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from conftest import BUNDLES, TINY_TRAIN, bundle_workflow
 from flare_c2f_extensions.cascade import STAGE_BUNDLES
+
+from helpers import BUNDLES, TINY_TRAIN, bundle_workflow
 
 TRAINABLE = list(STAGE_BUNDLES.values())
 
@@ -107,7 +108,7 @@ def cohort6(tmp_path_factory):
 
 
 def test_torchrun_two_processes_train_on_disjoint_data_and_write_one_checkpoint(cohort6, tmp_path):
-    from flare_c2f_extensions.data import labelled_cases, split_cases
+    from flare_c2f_extensions.discovery import labelled_cases, split_cases
     from flare_c2f_extensions.networks import ResUNetASPP
 
     configs = BUNDLES / "flare22_coarse" / "configs"

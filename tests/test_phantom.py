@@ -256,7 +256,7 @@ def test_cli(tmp_path):
 
 
 def test_unlabelled_part_keeps_its_truth_aside(tmp_path):
-    from flare_c2f_extensions.data import find_images, labelled_cases
+    from flare_c2f_extensions.discovery import find_images, labelled_cases
 
     out = tmp_path / "cohort"
     paths = write_cohort(out, n=1, n_unlabelled=2, seed=3, shape=(32, 32, 20))

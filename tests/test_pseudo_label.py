@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLES, REPO
 from flare_c2f_extensions.cascade import Cascade
 from flare_c2f_extensions.labels import NUM_CLASSES, ORGAN_IDS, ORGANS
 from flare_c2f_extensions.phantom import make_case
@@ -32,6 +31,8 @@ from flare_c2f_extensions.pseudo_label import (
     pseudo_label,
     volume_reference,
 )
+
+from conftest import BUNDLES, REPO
 
 # thin and small organs next to the background's code, so their partial-volume boundaries cross no other organ
 CODE_ORDER = (5, 6, 10, 4, 12, 7, 8, 9, 11, 2, 13, 3, 1)
@@ -191,7 +192,7 @@ def test_a_rerun_gates_again_without_segmenting(teacher, unlabelled, tmp_path, m
 
 
 def test_rule_overrides_and_their_errors(tmp_path):
-    from flare_c2f_extensions.data import InputError
+    from flare_c2f_extensions.errors import InputError
 
     assert QualityRule.parse({"max_missing": 2}).max_missing == 2
     path = tmp_path / "rule.json"

@@ -13,14 +13,16 @@ from PIL import Image
 
 from flare_c2f_extensions.quickstart import LOG_DIR, QUICK_STAGES, logs_to_file, quickstart, stage_runs
 
+from helpers import TINY_CHANNELS, TINY_GRID
+
 
 def test_quickstart_end_to_end(tmp_path, capsys):
     tiny_stages = {
-        name: (bundle, {**settings, "spatial_size": [32, 32, 32]}) for name, (bundle, settings) in QUICK_STAGES.items()
+        name: (bundle, {**settings, "spatial_size": TINY_GRID}) for name, (bundle, settings) in QUICK_STAGES.items()
     }
     summary = quickstart(
         out=str(tmp_path), n_train=4, n_test=2, epochs=2, seed=3, shape=(48, 48, 32),
-        network={"network_def#channels": [4, 8, 8, 8, 8]}, stages=tiny_stages, workers=2,
+        network={"network_def#channels": TINY_CHANNELS}, stages=tiny_stages, workers=2,
     )
     assert summary["num_cases"] == 2 and summary["missing_predictions"] == []
     assert len(summary["organs"]) == 13 and 0.0 <= summary["mean_DSC"] <= 1.0

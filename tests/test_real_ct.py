@@ -8,7 +8,6 @@ would hide that the real-CT checks never ran.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
-from flare_c2f_extensions.data import find_images, image_geometry, read_ct
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.images import image_geometry, read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.samples import TOTALSEG_TO_FLARE, SampleError, map_totalseg_to_flare, sample_ct
-from test_invariance import (  # noqa: F401  (no_hang: an autouse fixture)
+
+from helpers import (  # noqa: F401  (no_hang: an autouse fixture)
+    REPO,
     assert_same_geometry,
     assert_same_physical_labels,
     check_invariance,
@@ -32,9 +33,8 @@ from test_invariance import (  # noqa: F401  (no_hang: an autouse fixture)
     save,
     segment_batch,
     tiny_cascade,
+    write_dicom_series,
 )
-
-DICOM_SLOPE, DICOM_INTERCEPT = 0.5, -1024.0  # int16 storage: raw = (HU + 1024) * 2, exact for integer HU
 
 
 @pytest.fixture(scope="session")
@@ -49,63 +49,6 @@ def sample():
 @pytest.fixture(scope="module")
 def cascade():
     return tiny_cascade()
-
-
-def write_dicom_series(
-    image: nib.Nifti1Image, folder: Path, reverse_numbers: bool = False, shuffle_names: bool = False
-) -> Path:
-    """Write ``image`` as a CT DICOM series: one int16 file per slice along array axis 2, rescaled with
-    ``DICOM_SLOPE``/``DICOM_INTERCEPT``; array axis 0 runs along a row (columns), axis 1 down the rows.
-
-    ``reverse_numbers``: InstanceNumber runs against the slice positions; ``shuffle_names``: file names do not
-    follow the slice order. Positions and directions are written as 16-character decimal strings, as DICOM has them.
-    """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-    from pydicom.valuerep import format_number_as_ds
-
-    def ds_values(values):
-        return [format_number_as_ds(float(v)) for v in values]
-
-    folder.mkdir(parents=True, exist_ok=True)
-    hu = np.asarray(image.dataobj, dtype=np.float64)
-    raw = np.rint((hu - DICOM_INTERCEPT) / DICOM_SLOPE)
-    assert raw.min() >= -32768 and raw.max() <= 32767 and np.array_equal(raw * DICOM_SLOPE + DICOM_INTERCEPT, hu)
-    raw = raw.astype(np.int16)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine
-    along_row, down_column = lps[:3, 0], lps[:3, 1]
-    column_spacing, row_spacing = np.linalg.norm(along_row), np.linalg.norm(down_column)
-    orientation = ds_values([*(along_row / column_spacing), *(down_column / row_spacing)])
-    study, series = generate_uid(), generate_uid()
-    n = raw.shape[2]
-    names = list(range(n))
-    if shuffle_names:
-        random.Random(0).shuffle(names)
-    for k in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.Modality, ds.PatientName, ds.PatientID = "CT", "Sample^CT", "sample"
-        ds.InstanceNumber = n - k if reverse_numbers else k + 1
-        ds.ImagePositionPatient = ds_values(lps[:3, :3] @ np.array([0.0, 0.0, k]) + lps[:3, 3])
-        ds.ImageOrientationPatient = orientation
-        ds.PixelSpacing = ds_values([row_spacing, column_spacing])
-        ds.SliceThickness = format_number_as_ds(float(np.linalg.norm(lps[:3, 2])))
-        ds.Rows, ds.Columns = raw.shape[1], raw.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = DICOM_SLOPE, DICOM_INTERCEPT, "HU"
-        ds.PixelData = np.ascontiguousarray(raw[:, :, k].T).tobytes()
-        try:
-            ds.save_as(folder / f"IM{names[k]:05d}", enforce_file_format=True)  # pydicom 3
-        except TypeError:
-            ds.save_as(folder / f"IM{names[k]:05d}", write_like_original=False)  # pydicom 2
-    return folder
 
 
 def monai_pydicom_geometry(folder: Path) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:

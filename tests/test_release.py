@@ -19,17 +19,16 @@ import nibabel as nib
 import pytest
 import torch
 
-from conftest import BUNDLES
 from flare_c2f_extensions.cascade import STAGE_BUNDLES as CASCADE_STAGES
 from flare_c2f_extensions.release import ReleaseError, download_release, pack, verify_release
+
+from helpers import BUNDLES, TINY, TINY_CHANNELS
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:No hash value provided"),  # monai.bundle download --url checks no hash
     pytest.mark.filterwarnings("ignore:parsing config_file"),  # monai.bundle load: we trust our own configs
 ]
 
-TINY_CHANNELS = [4, 8, 8, 8, 8]
-TINY = {"spatial_size": [32, 32, 32], "network_def#channels": TINY_CHANNELS, "num_workers": 0}
 STAGE_BUNDLES = list(CASCADE_STAGES.values())
 ALL_BUNDLES = [*STAGE_BUNDLES, "flare22_cascade"]
 ORGANS = ["right_adrenal_gland", "left_adrenal_gland", "gallbladder", "esophagus"]

@@ -19,26 +19,13 @@ import torch
 from PIL import Image
 
 import flare_c2f_extensions
-from conftest import REPO
 from flare_c2f_extensions.__main__ import main
-from flare_c2f_extensions.data import image_geometry
+from flare_c2f_extensions.images import image_geometry
 from flare_c2f_extensions.labels import ORGAN_IDS, ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, label_names
-from flare_c2f_extensions.phantom import make_case
-from flare_c2f_extensions.paths import STAGE_BUNDLES
 
-TINY_NET = {"network_def": {"channels": [4, 8, 8, 8, 8]}, "spatial_size": [32, 32, 32]}
-TINY_STAGES = {name: TINY_NET for name in STAGE_BUNDLES}
+from helpers import REPO, TINY_STAGES, write_phantom
+
 RANDOM = ["--require_weights", "false", "--threads", "1", "--stage_overrides", json.dumps(TINY_STAGES)]
-
-
-def write_phantom(path: Path, seed: int = 3, orientation: str = "LPS") -> Path:
-    case = make_case(seed, shape=(48, 48, 32), orientation=orientation)
-    image = nib.Nifti1Image(case.image, case.affine)
-    image.set_qform(case.affine, 1)
-    image.set_sform(case.affine, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
-    return path
 
 
 def write_series(image_path: Path, folder: Path) -> Path:
@@ -46,7 +33,7 @@ def write_series(image_path: Path, folder: Path) -> Path:
     import pydicom
     from pydicom.uid import generate_uid
 
-    from test_real_ct import write_dicom_series
+    from helpers import write_dicom_series
 
     write_dicom_series(nib.load(str(image_path)), folder)
     frame = generate_uid()
@@ -189,7 +176,7 @@ def test_weights_folder_is_found(phantom, tmp_path):
     weights = tmp_path / "trained"
     torch.manual_seed(1)
     for stage, bundle in [("coarse", "flare22_coarse"), ("solid", "flare22_fine_solid")]:
-        network = load_stage(stage, REPO / "bundles" / bundle, "cpu", TINY_NET, require_weights=False).network
+        network = load_stage(stage, REPO / "bundles" / bundle, "cpu", TINY_STAGES[stage], require_weights=False).network
         (weights / bundle / "models").mkdir(parents=True)
         torch.save(network.state_dict(), weights / bundle / "models" / "model.pt")
     segmenter = flare_c2f_extensions.segmenter.Segmenter(
@@ -206,7 +193,7 @@ def test_dicom_series_gives_the_same_organs_and_a_dicom_seg(series, cli_run, tmp
     import highdicom as hd
     import pydicom
 
-    from flare_c2f_extensions.data import _DicomSeries
+    from flare_c2f_extensions.dicom import DicomSeries
 
     out = tmp_path / "out"
     main(["segment", "-i", str(series), "-o", str(out), "--dicom_seg", "--statistics", *RANDOM])
@@ -218,7 +205,7 @@ def test_dicom_series_gives_the_same_organs_and_a_dicom_seg(series, cli_run, tmp
     assert json.loads((out / "abdomen.json").read_text()) == label_names()
 
     seg = hd.seg.segread(str(out / "abdomen_seg.dcm"))
-    files = _DicomSeries.read(series, pixels=False).files
+    files = DicomSeries.read(series, pixels=False).files
     sources = [pydicom.dcmread(str(path), stop_before_pixels=True) for path in files]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
     referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}

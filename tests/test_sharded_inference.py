@@ -13,8 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLES, REPO
 from flare_c2f_extensions.distributed import Ranks, merge_reports
+
+from conftest import BUNDLES, REPO
 
 TINY_STAGES = {
     name: {"network_def": {"channels": [4, 8, 8, 8, 8]}, "spatial_size": [32, 32, 32]}

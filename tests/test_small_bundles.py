@@ -20,9 +20,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from conftest import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
-from flare_c2f_extensions.data import labelled_cases
+from flare_c2f_extensions.discovery import labelled_cases
 from flare_c2f_extensions.labels import GROUPS, ORGAN_IDS, ORGANS, REFINER_MIN_SIZE_MM, channel_def
+
+from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 
 LOCATOR, REFINER = "flare22_small_locator", "flare22_small_refiner"
 SMALL = GROUPS["small"]
@@ -152,7 +153,8 @@ def test_locator_roi_is_all_foreground_and_classes_are_the_small_organs():
         assert tuple(parser.get_parsed_content("labels")) == SMALL
         assert parser.get_parsed_content("num_classes") == 5
     train = _load(LOCATOR, "train.json")
-    assert train["train"]["crop"]["labels"] == train["validate"]["crop"]["labels"] == "@roi_labels"
+    assert train["train"]["crop"]["box_labels"] == train["validate"]["crop"]["box_labels"] == "@roi_labels"
+    assert train["train"]["crop"]["target_labels"] == train["validate"]["crop"]["target_labels"] == "@labels"
 
 
 @pytest.mark.parametrize("organ", SMALL_NAMES)

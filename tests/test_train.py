@@ -16,7 +16,8 @@ import torch
 from flare_c2f_extensions.__main__ import COMMANDS
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
 from flare_c2f_extensions.checkpoints import latest_state
-from flare_c2f_extensions.data import InputError, find_images
+from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.metrics import evaluate_folder, format_summary
 from flare_c2f_extensions.train import STAGES, done_marker, parse_overrides, select_stages, train_cascade
 
@@ -50,7 +51,8 @@ def test_train_every_stage_then_segment_with_the_bundles(cohort, tmp_path, capsy
         record = json.loads(done_marker(out / stage.bundle, stage).read_text())
         assert record["epochs"] == 1 and record["resumed_after_epoch"] == 0
         assert (out / stage.bundle / "logs" / f"train_{stage.name}.log").stat().st_size > 0
-        assert not (out / stage.bundle / "train_state").exists() or not any((out / stage.bundle / "train_state").rglob("*.pt"))
+        state = out / stage.bundle / "train_state"
+        assert not state.exists() or not any(state.rglob("*.pt"))
     assert sorted(p.name for p in (out / "flare22_small_refiner" / "models").iterdir()) == sorted(
         f"model_{s.organ}.pt" for s in STAGES if s.organ)
     inference = json.loads((out / "flare22_fine_solid" / "configs" / "inference.json").read_text())

@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
-from monai.transforms import Compose, Invertd, Resize
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    Invertd,
+    MapLabelValued,
+    Resize,
+    ScaleIntensityRanged,
+)
 from monai.utils import set_determinism
 
 from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.transforms import (
+    ClipIntensityd,
     CropFromMask,
     CropFromMaskd,
     KeepLargestComponent,
@@ -79,7 +87,7 @@ def test_margin_in_mm_with_anisotropic_spacing():
     lab = torch.zeros((1,) + SHAPE, dtype=torch.uint8)
     lab[0, 20:30, 15:25, 10:20] = 1
     lab = MetaTensor(lab, affine=img.affine)
-    d = CropFromMaskd(["image", "label"], "label", labels=(1,), spatial_size=32, margin_mm=4.0)(
+    d = CropFromMaskd(["image", "label"], "label", box_labels=(1,), spatial_size=32, margin_mm=4.0)(
         {"image": img, "label": lab}
     )
     # 4 mm -> ceil(4 / 0.8) = 5 voxels in-plane, ceil(4 / 2.5) = 2 voxels across slices
@@ -87,7 +95,7 @@ def test_margin_in_mm_with_anisotropic_spacing():
     assert d["crop_skipped"] is False
     assert d["image"].shape == (1, 32, 32, 32) and d["label"].shape == (1, 32, 32, 32)
     # per-axis margin
-    d = CropFromMaskd(["image"], "label", labels=(1,), spatial_size=32, margin_mm=(1.6, 0.0, 5.0))(
+    d = CropFromMaskd(["image"], "label", box_labels=(1,), spatial_size=32, margin_mm=(1.6, 0.0, 5.0))(
         {"image": img, "label": lab}
     )
     assert d["crop_box"].tolist() == [[18, 15, 8], [32, 25, 22]]
@@ -98,7 +106,7 @@ def test_box_clamped_to_volume():
     lab = torch.zeros((1,) + SHAPE, dtype=torch.uint8)
     lab[0, 0:5, 50:56, 35:40] = 7
     lab = MetaTensor(lab, affine=img.affine)
-    d = CropFromMaskd("image", "label", labels=(7,), spatial_size=16, margin_mm=8.0)({"image": img, "label": lab})
+    d = CropFromMaskd("image", "label", box_labels=(7,), spatial_size=16, margin_mm=8.0)({"image": img, "label": lab})
     assert d["crop_box"].tolist() == [[0, 40, 31], [15, 56, 40]]
     assert d["image"].shape == (1, 16, 16, 16)
 
@@ -108,14 +116,15 @@ def test_min_size_mm_centred_and_kept_inside():
     lab = torch.zeros((1,) + SHAPE, dtype=torch.uint8)
     lab[0, 30:33, 20:23, 20:22] = 9
     lab = MetaTensor(lab, affine=img.affine)
-    t = CropFromMaskd("image", "label", labels=(9,), spatial_size=16, margin_mm=0.0, min_size_mm=(16.0, 16.0, 25.0))
+    t = CropFromMaskd("image", "label", box_labels=(9,), spatial_size=16, margin_mm=0.0, min_size_mm=(16.0, 16.0, 25.0))
     d = t({"image": img, "label": lab})
     start, stop = d["crop_box"]
     assert (stop - start).tolist() == [20, 20, 10]  # 16/0.8, 16/0.8, 25/2.5
     centre = (start + stop - 1) / 2.0
     assert np.all(np.abs(centre - np.array([31, 21, 20.5])) <= 0.5)
     # a box larger than min_size is untouched
-    big = CropFromMaskd("image", "label", labels=(9,), spatial_size=16, min_size_mm=1.0)({"image": img, "label": lab})
+    big = CropFromMaskd("image", "label", box_labels=(9,), spatial_size=16, min_size_mm=1.0)
+    big = big({"image": img, "label": lab})
     assert big["crop_box"].tolist() == [[30, 20, 20], [33, 23, 22]]
     # at the border the minimum-size box slides inside the volume and keeps its size
     lab2 = torch.zeros_like(lab)
@@ -142,7 +151,7 @@ def test_box_from_coarse_mask_on_another_grid():
     truth = tight_box(lab, labels)
     coarse = Resize((24, 24, 24), mode="nearest")(lab)  # MetaTensor with the coarse grid's affine
     assert coarse.shape[1:] == (24, 24, 24)
-    kw = dict(labels=labels, spatial_size=32, margin_mm=0.0)
+    kw = dict(box_labels=labels, spatial_size=32, margin_mm=0.0)
     d_aff = CropFromMaskd("image", "coarse", **kw)({"image": img, "coarse": coarse})
     d_fov = CropFromMaskd("image", "coarse", **kw)({"image": img, "coarse": coarse.as_tensor()})  # plain: same fov
     assert d_aff["crop_box"].tolist() == d_fov["crop_box"].tolist()
@@ -155,7 +164,7 @@ def test_box_from_coarse_mask_on_another_grid():
     exact = torch.zeros((1, 32, 28, 20), dtype=torch.uint8)  # half the image size on each axis
     exact[0, 5:10, 3:7, 2:4] = 1
     exact = MetaTensor(exact, affine=Resize((32, 28, 20))(img).affine)
-    d = CropFromMaskd("image", "m", labels=(1,), spatial_size=16)({"image": img, "m": exact})
+    d = CropFromMaskd("image", "m", box_labels=(1,), spatial_size=16)({"image": img, "m": exact})
     assert d["crop_box"].tolist() == [[10, 6, 4], [20, 14, 8]]
 
 
@@ -170,7 +179,7 @@ def test_box_from_coarse_mask_with_a_different_affine():
     coarse = np.zeros((30, 26, 18), np.uint8)
     coarse[4:8, 5:9, 2:5] = 3
     coarse = MetaTensor(torch.from_numpy(coarse)[None], affine=torch.as_tensor(coarse_aff))
-    d = CropFromMaskd("image", "m", labels=(3,), spatial_size=16)({"image": img, "m": coarse})
+    d = CropFromMaskd("image", "m", box_labels=(3,), spatial_size=16)({"image": img, "m": coarse})
     # coarse voxel j covers fine [2j + 1, 2j + 2] (centres), so [4, 8) -> [9, 17)
     assert d["crop_box"].tolist() == [[9, 11, 5], [17, 19, 11]]
 
@@ -200,7 +209,7 @@ def test_inverse_restores_grid_and_labels(case):
         spatial_size = (128, 112, 48)
     shape = tuple(lab.shape[1:])
     labels = GROUPS["solid"]
-    t = CropFromMaskd(["image", "label"], "label", labels=labels, spatial_size=spatial_size, margin_mm=3.0,
+    t = CropFromMaskd(["image", "label"], "label", box_labels=labels, spatial_size=spatial_size, margin_mm=3.0,
                       mode=("trilinear", "nearest"))
     d = t({"image": img, "label": lab})
     assert d["label"].dtype == torch.uint8 and d["image"].dtype == torch.float32
@@ -233,10 +242,10 @@ def test_inverse_restores_grid_and_labels(case):
 
 def test_integer_upsampling_inverts_exactly():
     img, lab = blob_case()
-    d = CropFromMaskd("label", "label", labels=(1,), spatial_size=-1, mode="nearest")({"label": lab})
+    d = CropFromMaskd("label", "label", box_labels=(1,), spatial_size=-1, mode="nearest")({"label": lab})
     box = tuple(tuple(v) for v in d["crop_box"].tolist())
     size = [b - a for a, b in zip(*box)]
-    t = CropFromMaskd("label", "label", labels=(1,), spatial_size=[2 * s for s in size], mode="nearest")
+    t = CropFromMaskd("label", "label", box_labels=(1,), spatial_size=[2 * s for s in size], mode="nearest")
     d = t({"label": lab})
     back = t.inverse(d)["label"]
     np.testing.assert_array_equal(back.numpy()[0][box_slices(box)], lab.numpy()[0][box_slices(box)])
@@ -244,7 +253,7 @@ def test_integer_upsampling_inverts_exactly():
 
 def test_array_form_and_inverse():
     img, lab = blob_case()
-    t = CropFromMask(labels=(2, 13), spatial_size=40, margin_mm=2.0, mode="nearest")
+    t = CropFromMask(box_labels=(2, 13), spatial_size=40, margin_mm=2.0, mode="nearest")
     out = t(lab, lab)
     assert out.shape == (1, 40, 40, 40)
     assert out.meta["crop_skipped"] is False
@@ -259,7 +268,7 @@ def test_invertd_labels_and_probabilities():
     img, lab = blob_case()
     pre = Compose(
         [
-            CropFromMaskd(["image", "label"], "label", labels=GROUPS["solid"], spatial_size=(64, 64, 32),
+            CropFromMaskd(["image", "label"], "label", box_labels=GROUPS["solid"], spatial_size=(64, 64, 32),
                           margin_mm=5.0, mode=("trilinear", "nearest")),
         ]
     )
@@ -287,7 +296,7 @@ def test_invertd_after_dataloader_collate():
     img2, lab2 = blob_case(shape=(60, 50, 36))
     pre = Compose(
         [
-            RandCropFromMaskd(["image", "label"], "label", labels=GROUPS["solid"], spatial_size=(72, 72, 40),
+            RandCropFromMaskd(["image", "label"], "label", box_labels=GROUPS["solid"], spatial_size=(72, 72, 40),
                               margin_mm=4.0, mode=("trilinear", "nearest"), jitter_margin_mm=5.0, jitter_shift_mm=3.0),
         ]
     )
@@ -327,7 +336,7 @@ def _jitter_boxes(seed, n=6):
     set_determinism(seed=seed)
     try:
         pre = Compose(
-            [RandCropFromMaskd("image", "label", labels=GROUPS["solid"], spatial_size=16, margin_mm=2.0,
+            [RandCropFromMaskd("image", "label", box_labels=GROUPS["solid"], spatial_size=16, margin_mm=2.0,
                                jitter_margin_mm=8.0, jitter_shift_mm=(4.0, 4.0, 10.0))]
         )
         return [pre({"image": img, "label": lab})["crop_box"].tolist() for _ in range(n)]
@@ -342,14 +351,14 @@ def test_jitter_reproducible_with_set_determinism():
     assert len({str(x) for x in a}) > 1  # the box does move from call to call
     # explicit random state on the array form
     img, lab = blob_case()
-    t1 = RandCropFromMask(labels=(1,), spatial_size=8, jitter_margin_mm=5.0, jitter_shift_mm=5.0)
-    t2 = RandCropFromMask(labels=(1,), spatial_size=8, jitter_margin_mm=5.0, jitter_shift_mm=5.0)
+    t1 = RandCropFromMask(box_labels=(1,), spatial_size=8, jitter_margin_mm=5.0, jitter_shift_mm=5.0)
+    t2 = RandCropFromMask(box_labels=(1,), spatial_size=8, jitter_margin_mm=5.0, jitter_shift_mm=5.0)
     t1.set_random_state(7)
     t2.set_random_state(7)
     assert get_crop_box(t1(img, lab)) == get_crop_box(t2(img, lab))
     # no jitter: the same box as the deterministic transform
-    t0 = RandCropFromMaskd("image", "label", labels=(1,), spatial_size=8, margin_mm=3.0)
-    det = CropFromMaskd("image", "label", labels=(1,), spatial_size=8, margin_mm=3.0)
+    t0 = RandCropFromMaskd("image", "label", box_labels=(1,), spatial_size=8, margin_mm=3.0)
+    det = CropFromMaskd("image", "label", box_labels=(1,), spatial_size=8, margin_mm=3.0)
     data = {"image": img, "label": lab}
     assert t0(data)["crop_box"].tolist() == det(data)["crop_box"].tolist()
 
@@ -357,7 +366,7 @@ def test_jitter_reproducible_with_set_determinism():
 def test_jitter_only_grows_or_moves_the_box():
     img, lab = blob_case()
     truth = tight_box(lab, GROUPS["solid"])
-    t = RandCropFromMaskd("image", "label", labels=GROUPS["solid"], spatial_size=8, jitter_margin_mm=6.0)
+    t = RandCropFromMaskd("image", "label", box_labels=GROUPS["solid"], spatial_size=8, jitter_margin_mm=6.0)
     t.set_random_state(3)
     for _ in range(10):
         start, stop = t({"image": img, "label": lab})["crop_box"]
@@ -367,7 +376,7 @@ def test_jitter_only_grows_or_moves_the_box():
 
 def test_mask_without_the_labels_is_skipped(caplog):
     img, lab = blob_case()
-    t = CropFromMaskd(["image", "label"], "label", labels=GROUPS["vessels"], spatial_size=16,
+    t = CropFromMaskd(["image", "label"], "label", box_labels=GROUPS["vessels"], spatial_size=16,
                       mode=("trilinear", "nearest"))
     with caplog.at_level(logging.WARNING):
         d = t({"image": img, "label": lab})
@@ -380,8 +389,8 @@ def test_mask_without_the_labels_is_skipped(caplog):
     assert back["image"].shape == img.shape
     # empty mask, array form, random form
     empty = MetaTensor(torch.zeros_like(lab.as_tensor()), affine=lab.affine)
-    assert CropFromMask(labels=None, spatial_size=8)(img, empty).meta["crop_skipped"] is True
-    r = RandCropFromMaskd("image", "label", labels=(5,), spatial_size=8, jitter_shift_mm=3.0)
+    assert CropFromMask(box_labels=None, spatial_size=8)(img, empty).meta["crop_skipped"] is True
+    r = RandCropFromMaskd("image", "label", box_labels=(5,), spatial_size=8, jitter_shift_mm=3.0)
     assert r({"image": img, "label": lab})["crop_skipped"] is True
     assert box_from_mask(empty, (1,)) is None
 
@@ -500,7 +509,7 @@ def test_invertd_through_orientation_to_the_original_file_grid():
     pre = Compose(
         [
             Orientationd(["image", "label"], axcodes="RAS"),
-            CropFromMaskd(["image", "label"], "label", labels=GROUPS["solid"], spatial_size=(64, 64, 32),
+            CropFromMaskd(["image", "label"], "label", box_labels=GROUPS["solid"], spatial_size=(64, 64, 32),
                           margin_mm=4.0, mode=("trilinear", "nearest")),
         ]
     )
@@ -526,9 +535,64 @@ def test_soft_targets_for_other_classes_than_the_box():
     affine = torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0]))
     data = {"image": MetaTensor(label.float(), affine=affine), "label": MetaTensor(label, affine=affine)}
     out = CropFromMaskd(
-        ["image", "label"], "label", labels=None, spatial_size=20, mode=["trilinear", "soft"], soft_classes=(7, 8)
+        ["image", "label"], "label", box_labels=None, spatial_size=20, mode=["trilinear", "soft"], target_labels=(7, 8)
     )(data)["label"]
     assert out.shape == (3, 20, 20, 20)
     assert torch.allclose(out.sum(0), torch.ones(20, 20, 20))
     assert out[1].sum() > 0 and out[2].sum() == 0  # organ 7 present, organ 8 absent; the liver is background
     assert tuple(int(v) for v in data["label"].shape[1:]) == (40, 40, 30)
+
+
+def test_crop_keywords_of_0_1_0_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match="labels= is now box_labels="):
+        old = CropFromMaskd("image", "label", labels=(1,), soft_classes=(1, 2), spatial_size=8)
+    assert (old.cropper.box_labels, old.cropper.target_labels) == ((1,), (1, 2))
+
+
+# -- where MONAI does the job, and where ours stays (and why) ---------------------------------------------------------
+
+
+def test_monai_clip_in_the_bundles_is_exactly_a_clamp():
+    x = torch.rand(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)) * 3 - 1  # [-1, 2]
+    clipped = ScaleIntensityRanged("image", 0.0, 1.0, 0.0, 1.0, clip=True)({"image": x})["image"]
+    assert torch.equal(torch.as_tensor(clipped), x.clamp(0.0, 1.0))
+    assert torch.equal(torch.as_tensor(ClipIntensityd("image")({"image": x})["image"]), x.clamp(0.0, 1.0))
+
+
+def test_remap_zeroes_other_organs_and_inverts_where_monai_map_label_value_does_not():
+    digestive = GROUPS["digestive"]  # (4, 11, 12) -> 1, 2, 3
+    lab = MetaTensor(torch.tensor([[[[0, 1, 4, 11, 12, 2]]]], dtype=torch.uint8))  # liver (1), right kidney (2) too
+    remap = RemapLabelsd("label", digestive)
+    ours = remap({"label": lab})["label"]
+    assert ours.flatten().tolist() == [0, 0, 1, 2, 3, 0]
+    monai = MapLabelValued("label", list(digestive), [1, 2, 3])({"label": lab})["label"]
+    assert torch.as_tensor(monai).flatten().tolist() == [0, 1, 1, 2, 3, 2]  # liver reads as pancreas (1)
+    back = remap.inverse({"label": ours})["label"]
+    assert torch.as_tensor(back).flatten().tolist() == [0, 0, 4, 11, 12, 0]
+
+
+def test_one_pass_largest_component_equals_one_labelling_per_organ():
+    """MONAI's KeepLargestConnectedComponent labels each organ in a pass of its own (and needs scikit-image on the
+    CPU); ours is one cc3d pass for all organs. The result is the same as labelling each organ alone."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    lab = rng.choice([0, 0, 1, 4, 9], size=(24, 20, 16)).astype(np.uint8)  # many components of every organ
+    expected = np.zeros_like(lab)
+    for organ in (1, 4, 9):
+        components, _ = ndimage.label(lab == organ, structure=np.ones((3, 3, 3)))  # 26-connectivity
+        largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+        expected[components == largest] = organ
+    ours = keep_largest_component(lab)
+    assert np.array_equal(ours, expected) and not np.array_equal(ours, lab)
+
+
+def test_margin_is_in_millimetres_where_monai_crop_foreground_counts_voxels():
+    img, lab = blob_case(spacing=(0.8, 0.8, 2.5))
+    tight = CropFromMaskd(["image", "label"], "label", box_labels=(1,), spatial_size=-1)({"image": img, "label": lab})
+    ours = CropFromMaskd(["image", "label"], "label", box_labels=(1,), spatial_size=-1, margin_mm=5.0)
+    grown = ours({"image": img, "label": lab})
+    growth = (grown["crop_box"][1] - grown["crop_box"][0]) - (tight["crop_box"][1] - tight["crop_box"][0])
+    assert growth.tolist() == [2 * 7, 2 * 7, 2 * 2]  # 5 mm: ceil(5 / 0.8) = 7 voxels in-plane, 2 across slices
+    monai = CropForegroundd(["image"], "label", select_fn=lambda x: x == 1, margin=5)({"image": img, "label": lab})
+    assert monai["image"].shape[1:] != grown["image"].shape[1:]  # 5 voxels = 4 mm in-plane, 12.5 mm across slices

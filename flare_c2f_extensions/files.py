@@ -1,0 +1,132 @@
+"""Files written safely: atomic writes (old file, no file or the whole new file, never a partial one), output
+folders checked before any work, and finished outputs recognised on a rerun."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .geometry import Geometry
+
+__all__ = [
+    "atomic_path",
+    "finished_output",
+    "outputs_apart_from_inputs",
+    "prepare_output_dir",
+    "write_nifti_atomic",
+    "write_text_atomic",
+]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def prepare_output_dir(path: str | os.PathLike, what: str = "output") -> Path:
+    """Create ``path`` if needed and check that files can be written in it; :class:`InputError` if not.
+
+    Meant to run before any work, so that an unusable output folder fails fast with one clear message.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{path}: {what} folder cannot be created: a file is in its place") from None
+    except OSError as error:
+        raise InputError(f"{path}: {what} folder cannot be created ({error.strerror or error})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(f"{path}: {what} folder is not writable ({error.strerror or error})") from None
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error it is removed.
+
+    So ``path`` is either the old file, no file, or the whole new file: never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) or ".tmp"  # keep .nii.gz so writers pick the format
+    # a temporary name must fit the file system's 255-byte limit too, however long the final name is
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:160]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a new file's usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_nifti_atomic(image: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+    return Path(path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+
+def finished_output(output: str | os.PathLike, geometry: Geometry) -> str | None:
+    """``None`` if ``output`` is a finished label map of the image with ``geometry`` (it reads back whole as a
+    label map with the image's shape and affine), else why not."""
+    output = Path(output)
+    try:
+        written = nib.load(str(output))
+        shape = tuple(int(s) for s in written.shape)
+        if shape != tuple(geometry.shape):
+            return f"its shape {shape} is not the image's {tuple(geometry.shape)}"
+        if not np.allclose(written.affine, geometry.affine, atol=1e-3, rtol=0):
+            return "its affine is not the image's"
+        if written.get_data_dtype().kind not in "ui":
+            return f"it holds {written.get_data_dtype()} values, not labels"
+        data = np.asarray(written.dataobj)  # reads every byte: a truncated file fails here
+    except Exception as error:  # nibabel raises several types for broken files
+        return f"it cannot be read whole ({type(error).__name__}: {error})"
+    if data.size and (data.min() < 0 or data.max() >= 256):
+        return "its values are not labels"
+    return None
+
+
+def outputs_apart_from_inputs(images: Sequence[tuple[str | os.PathLike, str]], output_dir: str | os.PathLike) -> None:
+    """Refuse, before any case runs, an output folder whose outputs would overwrite an input or be listed as
+    inputs on the next run: the folder of an input image (or inside a DICOM series folder), or an output path
+    (``output_dir/<case>.nii.gz``, links followed) that is an input. ``images``: (image path, case name) pairs."""
+    out = os.path.realpath(output_dir)
+    inputs = {os.path.realpath(image): image for image, _ in images}
+    for image, case in images:
+        output = Path(output_dir) / f"{case}.nii.gz"
+        if os.path.realpath(output) in inputs:
+            raise InputError(
+                f"{output}: this output would overwrite the input {inputs[os.path.realpath(output)]}; "
+                "choose an output folder apart from the inputs"
+            )
+        real = os.path.realpath(image)
+        parent = os.path.dirname(real)
+        inside_series = os.path.isdir(real) and (out == real or out.startswith(real + os.sep))
+        if out == parent or inside_series:
+            raise InputError(
+                f"{output_dir}: the output folder holds the input {image}: its label maps would be taken for images "
+                "on the next run (or overwrite them); choose an output folder apart from the inputs"
+            )
