@@ -20,14 +20,13 @@ cascade and the stage bundles cannot drift apart: the same ``CropFromMask`` comp
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from .data import (
     write_text_atomic,
 )
 from .efficiency import ResourceMonitor
+from .engines import TorchEngine, cached_openvino_ir, openvino_cache_key, openvino_engine, resolve_engine
 from .labels import GROUPS, ORGANS, organ_id
 from .transforms import (
     CropFromMask,
@@ -81,17 +81,20 @@ class Stage:
     """
 
     name: str
-    network: torch.nn.Module
+    network: torch.nn.Module | None
     spatial_size: tuple[int, int, int]
     labels: tuple[int, ...]
     cropper: CropFromMask | None = None
+    engine: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits of a batch; None: ``network`` in torch
+    network_seconds: float = 0.0  # time spent in the engine (summed over calls; the benchmark reads it)
 
     def predict(self, x: torch.Tensor, amp: bool) -> torch.Tensor:
         """Softmax probabilities (1, k+1, *spatial_size) for one channel-first input already on the grid."""
-        device_type = x.device.type
-        autocast = torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
-        with autocast if amp else contextlib.nullcontext():
-            logits = self.network(x[None])
+        started = time.perf_counter()
+        logits = (self.engine or TorchEngine(self.network, amp))(x[None])
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        self.network_seconds += time.perf_counter() - started
         return torch.softmax(logits.float(), dim=1)
 
 
@@ -142,8 +145,14 @@ def load_stage(
     overrides: Mapping | None = None,
     weights: str | os.PathLike | None = None,
     require_weights: bool = True,
+    engine: str = "torch",
+    amp: bool | None = None,
 ) -> Stage:
     """Build a stage from its bundle: ``network_def`` with the checkpoint at ``ckpt_path`` (or ``weights``).
+
+    ``engine``: ``torch``, ``openvino`` or ``auto`` (:mod:`~flare_c2f_extensions.engines`); an OpenVINO stage whose
+    checkpoint was converted before is read from the cache (keyed by the checkpoint's sha256) without building the
+    PyTorch network. ``amp`` (OpenVINO only; ``None``: :func:`default_amp`): bf16 where the CPU has it, else f32.
 
     A checkpoint whose name ends in ``.ts`` is a TorchScript module (``python -m monai.bundle ckpt_export``, or
     ``python -m flare_c2f_extensions export``): it is loaded with ``torch.jit.load`` and ``network_def`` is not
@@ -154,7 +163,12 @@ def load_stage(
     """
     parser = _load_stage_config(bundle_dir, overrides)
     checkpoint = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
-    if checkpoint.suffix == ".ts" and checkpoint.is_file():
+    spatial_size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
+    engine = resolve_engine(engine, device)
+    key = _openvino_key(engine, checkpoint, parser, spatial_size)
+    if cached_openvino_ir(key) is not None:
+        network = None  # converted before: neither the PyTorch network nor its weights are needed
+    elif checkpoint.suffix == ".ts" and checkpoint.is_file():
         try:
             network = torch.jit.load(str(checkpoint), map_location=torch.device(device))
         except RuntimeError as error:
@@ -169,16 +183,29 @@ def load_stage(
             raise InputError(f"{checkpoint}: no {what} for the {name} stage (train it with its configs/train.json)")
         else:
             logger.warning("%s: no weights at %s, using random initialisation", name, checkpoint)
-    network = network.to(device).eval()
-    spatial_size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
+    stage_engine = None  # torch: the network itself, autocast as the cascade says
+    if engine == "openvino":
+        amp = default_amp(torch.device(device)) if amp is None else bool(amp)
+        stage_engine = openvino_engine(name, amp, key, lambda: network, spatial_size)
+        network = None
+    else:
+        network = network.to(device).eval()
     if name == "coarse":
-        return Stage(name, network, spatial_size, tuple(range(1, int(parser.get_parsed_content("num_classes")))))
+        labels = tuple(range(1, int(parser.get_parsed_content("num_classes"))))
+        return Stage(name, network, spatial_size, labels, engine=stage_engine)
     labels = tuple(int(v) for v in parser.get_parsed_content("labels"))
     # the organs whose box the stage crops: its own, unless the bundle says otherwise (the locator: all foreground)
     box_labels = parser.get_parsed_content("roi_labels") if "roi_labels" in parser else labels
     min_size = parser.get_parsed_content("min_size_mm") if "min_size_mm" in parser else None
     cropper = CropFromMask(box_labels, spatial_size, parser.get_parsed_content("margin_mm"), min_size, mask_grid="affine")
-    return Stage(name, network, spatial_size, labels, cropper)
+    return Stage(name, network, spatial_size, labels, cropper, engine=stage_engine)
+
+
+def _openvino_key(engine: str, checkpoint: Path, parser, spatial_size) -> str | None:
+    """The OpenVINO cache key of a stage (``None``: torch engine, or no checkpoint to key it by)."""
+    if engine != "openvino" or not checkpoint.is_file():
+        return None
+    return openvino_cache_key(checkpoint, parser.get("network_def"), spatial_size)
 
 
 @dataclass
@@ -206,11 +233,13 @@ class Cascade:
         device: torch.device | str = "cpu",
         amp: bool | None = None,
         largest_component: bool = True,
+        engine: str = "torch",
     ):
         self.coarse, self.groups, self.locator, self.refiners = coarse, list(groups), locator, list(refiners)
         self.device = torch.device(device)
         self.amp = default_amp(self.device) if amp is None else bool(amp)
         self.largest_component = largest_component
+        self.engine = engine  # what the stages were loaded with (for reports); each Stage holds its own engine
 
     @classmethod
     def from_bundles(
@@ -223,14 +252,18 @@ class Cascade:
         small_organs: Sequence[str | int] | None = None,
         require_weights: bool = True,
         largest_component: bool = True,
+        engine: str | None = "auto",
     ) -> Cascade:
         """Load every stage from its bundle folder (siblings in ``bundles_dir`` unless ``stage_dirs`` says otherwise).
 
         ``stage_overrides``: config overrides per stage name (``coarse``, ``solid``, ``digestive``, ``vessels``,
         ``locator``, ``refiner``), e.g. a small network; ``small_organs``: the organs that get a refiner
-        (default the four small organs).
+        (default the four small organs). ``engine``: ``torch``, ``openvino`` (CPU) or ``auto`` (OpenVINO on a CPU
+        when it is installed, see :mod:`~flare_c2f_extensions.engines`).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        engine = resolve_engine(engine, device)
+        amp = default_amp(device) if amp is None else bool(amp)
         bundles_dir = Path(bundles_dir) if bundles_dir is not None else BUNDLES_DIR
         dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
         dirs.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
@@ -238,7 +271,7 @@ class Cascade:
 
         def stage(name, extra=None):
             merged = {**overrides.get(name, {}), **(extra or {})}
-            return load_stage(name, dirs[name], device, merged, require_weights=require_weights)
+            return load_stage(name, dirs[name], device, merged, require_weights=require_weights, engine=engine, amp=amp)
 
         organs = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
         return cls(
@@ -249,6 +282,7 @@ class Cascade:
             device=device,
             amp=amp,
             largest_component=largest_component,
+            engine=engine,
         )
 
     # -- one case --------------------------------------------------------------------------------------------
