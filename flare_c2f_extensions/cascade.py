@@ -56,6 +56,7 @@ from .transforms import (
     crop_resize,
     fov_affine,
     keep_largest_component,
+    resize_rows,
     resize_spatial,
 )
 
@@ -86,15 +87,10 @@ class Stage:
     labels: tuple[int, ...]
     cropper: CropFromMask | None = None
     engine: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits of a batch; None: ``network`` in torch
-    network_seconds: float = 0.0  # time spent in the engine (summed over calls; the benchmark reads it)
 
     def predict(self, x: torch.Tensor, amp: bool) -> torch.Tensor:
         """Softmax probabilities (1, k+1, *spatial_size) for one channel-first input already on the grid."""
-        started = time.perf_counter()
         logits = (self.engine or TorchEngine(self.network, amp))(x[None])
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        self.network_seconds += time.perf_counter() - started
         return torch.softmax(logits.float(), dim=1)
 
 
@@ -361,22 +357,32 @@ class Cascade:
         return _guide(lut[local], affine)
 
 
+FUSE_SLAB_VOXELS = 2**23  # voxels of a box resized and fused at a time: about 90 MB of work arrays per slab
+
+
 def _fuse(probs: torch.Tensor, box, stage_labels: Sequence[int], labels, confidence) -> None:
-    """Resize ``probs`` (k+1 channels on the stage grid) to the box one channel at a time; write organ claims
-    that beat the current confidence (in place, through views of the full-resolution maps)."""
+    """Resize ``probs`` (k+1 channels on the stage grid) to the box and write the organ claims that beat the
+    current confidence, one slab of the box (along its first axis) and one channel at a time: the work arrays
+    are bounded by :data:`FUSE_SLAB_VOXELS`, not by the box, and the full-resolution maps are written through
+    views."""
     size = box_size(box)
-    best_p = resize_spatial(probs[0:1], size, "trilinear")[0]
-    best_c = torch.zeros(size, dtype=torch.uint8, device=probs.device)
-    for channel in range(1, probs.shape[0]):
-        p = resize_spatial(probs[channel : channel + 1], size, "trilinear")[0]
-        best_c.masked_fill_(p > best_p, channel)
-        torch.maximum(best_p, p, out=best_p)
     region = box_slices(box)
-    region_labels, region_confidence = labels[region], confidence[region]
-    claim = (best_c > 0) & (best_p > region_confidence)
     lut = torch.tensor((0,) + tuple(stage_labels), dtype=torch.uint8, device=probs.device)
-    region_labels[claim] = lut[best_c[claim].long()]
-    region_confidence[claim] = best_p[claim]
+    rows = max(1, FUSE_SLAB_VOXELS // (size[1] * size[2]))
+    for start in range(0, size[0], rows):
+        stop = min(size[0], start + rows)
+        best_p = resize_rows(probs[0:1], size, start, stop)[0]
+        best_c = torch.zeros(best_p.shape, dtype=torch.uint8, device=probs.device)
+        for channel in range(1, probs.shape[0]):
+            p = resize_rows(probs[channel : channel + 1], size, start, stop)[0]
+            best_c.masked_fill_(p > best_p, channel)
+            torch.maximum(best_p, p, out=best_p)
+        del p
+        slab = (slice(region[0].start + start, region[0].start + stop),) + region[1:]
+        slab_labels, slab_confidence = labels[slab], confidence[slab]
+        claim = (best_c > 0) & (best_p > slab_confidence)
+        slab_labels[claim] = lut[best_c[claim].long()]
+        slab_confidence[claim] = best_p[claim]
 
 
 def _affine_of(image: MetaTensor) -> np.ndarray:
