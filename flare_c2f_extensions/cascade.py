@@ -40,6 +40,7 @@ from .data import (
     InputError,
     InputWarnings,
     case_name,
+    image_geometry,
     prepare_output_dir,
     read_ct,
     save_label_map,
@@ -204,6 +205,25 @@ def _openvino_key(engine: str, checkpoint: Path, parser, spatial_size) -> str | 
     return openvino_cache_key(checkpoint, parser.get("network_def"), spatial_size)
 
 
+# Peak memory grows with the input, about 10 bytes per voxel (the float32 image, the float32 confidence map and the
+# uint8 label map at full resolution, plus reading): 1024 x 1024 x 512 voxels stay under 8 GB (README "Measured").
+MAX_CASE_VOXELS = 1024 * 1024 * 512
+
+
+def check_voxel_count(path: str | os.PathLike, limit: int | None) -> None:
+    """Refuse an input with more than ``limit`` voxels from its header (NIfTI header or DICOM headers), before any
+    voxel is read or memory allocated."""
+    if limit is None:
+        return
+    shape = image_geometry(path).shape
+    count = int(np.prod(shape, dtype=np.int64))
+    if count > limit:
+        raise InputError(
+            f"{path}: {shape[0]}x{shape[1]}x{shape[2]} = {count} voxels, more than the cascade's limit of {limit} "
+            f"(about {limit * 10 / 1e9:.0f} GB of memory); raise it with max_voxels if this machine has the memory"
+        )
+
+
 @dataclass
 class CaseResult:
     """What segmenting one case produced: the label map in the input's array layout and per-stage seconds."""
@@ -230,12 +250,14 @@ class Cascade:
         amp: bool | None = None,
         largest_component: bool = True,
         engine: str = "torch",
+        max_voxels: int | None = MAX_CASE_VOXELS,
     ):
         self.coarse, self.groups, self.locator, self.refiners = coarse, list(groups), locator, list(refiners)
         self.device = torch.device(device)
         self.amp = default_amp(self.device) if amp is None else bool(amp)
         self.largest_component = largest_component
         self.engine = engine  # what the stages were loaded with (for reports); each Stage holds its own engine
+        self.max_voxels = max_voxels
 
     @classmethod
     def from_bundles(
@@ -249,13 +271,15 @@ class Cascade:
         require_weights: bool = True,
         largest_component: bool = True,
         engine: str | None = "auto",
+        max_voxels: int | None = MAX_CASE_VOXELS,
     ) -> Cascade:
         """Load every stage from its bundle folder (siblings in ``bundles_dir`` unless ``stage_dirs`` says otherwise).
 
         ``stage_overrides``: config overrides per stage name (``coarse``, ``solid``, ``digestive``, ``vessels``,
         ``locator``, ``refiner``), e.g. a small network; ``small_organs``: the organs that get a refiner
         (default the four small organs). ``engine``: ``torch``, ``openvino`` (CPU) or ``auto`` (OpenVINO on a CPU
-        when it is installed, see :mod:`~flare_c2f_extensions.engines`).
+        when it is installed, see :mod:`~flare_c2f_extensions.engines`). ``max_voxels``: larger inputs are refused
+        from their header, before any voxel is read (``None``: no limit; see :data:`MAX_CASE_VOXELS`).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         engine = resolve_engine(engine, device)
@@ -279,6 +303,7 @@ class Cascade:
             amp=amp,
             largest_component=largest_component,
             engine=engine,
+            max_voxels=max_voxels,
         )
 
     # -- one case --------------------------------------------------------------------------------------------
@@ -301,6 +326,7 @@ class Cascade:
             seconds[name] = seconds.get(name, 0.0) + now - clock
             clock = now
 
+        check_voxel_count(path, self.max_voxels)
         image, ornt = read_ct(path, self.device)
         shape = tuple(image.shape[1:])
         lap("load")
@@ -405,7 +431,10 @@ def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir:
     return result
 
 
-__all__ = ["Cascade", "CaseResult", "Stage", "default_amp", "load_stage", "segment_to_file", "BUNDLES_DIR", "STAGE_BUNDLES"]
+__all__ = [
+    "Cascade", "CaseResult", "MAX_CASE_VOXELS", "Stage", "check_voxel_count", "default_amp", "load_stage",
+    "segment_to_file", "BUNDLES_DIR", "STAGE_BUNDLES",
+]
 
 
 class CascadeRunner:
