@@ -393,22 +393,21 @@ def _fuse(probs: torch.Tensor, box, stage_labels: Sequence[int], labels, confide
     views."""
     size = box_size(box)
     region = box_slices(box)
-    lut = torch.tensor((0,) + tuple(stage_labels), dtype=torch.uint8, device=probs.device)
     rows = max(1, FUSE_SLAB_VOXELS // (size[1] * size[2]))
     for start in range(0, size[0], rows):
         stop = min(size[0], start + rows)
         best_p = resize_rows(probs[0:1], size, start, stop)[0]
-        best_c = torch.zeros(best_p.shape, dtype=torch.uint8, device=probs.device)
-        for channel in range(1, probs.shape[0]):
+        best_label = torch.zeros(best_p.shape, dtype=torch.uint8, device=probs.device)  # 0: background wins
+        for channel, organ in enumerate(stage_labels, start=1):
             p = resize_rows(probs[channel : channel + 1], size, start, stop)[0]
-            best_c.masked_fill_(p > best_p, channel)
+            best_label.masked_fill_(p > best_p, organ)
             torch.maximum(best_p, p, out=best_p)
         del p
         slab = (slice(region[0].start + start, region[0].start + stop),) + region[1:]
         slab_labels, slab_confidence = labels[slab], confidence[slab]
-        claim = (best_c > 0) & (best_p > slab_confidence)
-        slab_labels[claim] = lut[best_c[claim].long()]
-        slab_confidence[claim] = best_p[claim]
+        claim = (best_label > 0).logical_and_(best_p > slab_confidence)
+        slab_labels.copy_(torch.where(claim, best_label, slab_labels))  # where + copy: no gathers or scatters
+        slab_confidence.copy_(torch.where(claim, best_p, slab_confidence))
 
 
 def _affine_of(image: MetaTensor) -> np.ndarray:
