@@ -147,7 +147,8 @@ def load_stage(
 ) -> Stage:
     """Build a stage from its bundle: ``network_def`` with the checkpoint at ``ckpt_path`` (or ``weights``).
 
-    ``engine``: ``torch``, ``openvino`` or ``auto`` (:mod:`~flare_c2f_extensions.engines`); an OpenVINO stage whose
+    ``engine``: ``torch``, ``openvino`` or ``auto`` (:mod:`~flare_c2f_extensions.engines`; ``auto`` keeps torch for a
+    stage without a checkpoint, whose conversion could not be cached); an OpenVINO stage whose
     checkpoint was converted before is read from the cache (keyed by the checkpoint's sha256) without building the
     PyTorch network. ``amp`` (OpenVINO only; ``None``: :func:`default_amp`): bf16 where the CPU has it, else f32.
 
@@ -161,7 +162,9 @@ def load_stage(
     parser = _load_stage_config(bundle_dir, overrides)
     checkpoint = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
     spatial_size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
-    engine = resolve_engine(engine, device)
+    automatic, engine = engine in (None, "auto"), resolve_engine(engine, device)
+    if automatic and not checkpoint.is_file():  # random weights: converting each time costs more than it saves
+        engine = "torch"
     key = _openvino_key(engine, checkpoint, parser, spatial_size)
     if cached_openvino_ir(key) is not None:
         network = None  # converted before: neither the PyTorch network nor its weights are needed
@@ -278,11 +281,12 @@ class Cascade:
         ``stage_overrides``: config overrides per stage name (``coarse``, ``solid``, ``digestive``, ``vessels``,
         ``locator``, ``refiner``), e.g. a small network; ``small_organs``: the organs that get a refiner
         (default the four small organs). ``engine``: ``torch``, ``openvino`` (CPU) or ``auto`` (OpenVINO on a CPU
-        when it is installed, see :mod:`~flare_c2f_extensions.engines`). ``max_voxels``: larger inputs are refused
+        when it is installed for every stage with a checkpoint, torch for random weights; see
+        :mod:`~flare_c2f_extensions.engines`). ``max_voxels``: larger inputs are refused
         from their header, before any voxel is read (``None``: no limit; see :data:`MAX_CASE_VOXELS`).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        engine = resolve_engine(engine, device)
+        resolve_engine(engine, device)  # fails early and clearly when the engine cannot run here
         amp = default_amp(device) if amp is None else bool(amp)
         bundles_dir = Path(bundles_dir) if bundles_dir is not None else BUNDLES_DIR
         dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
@@ -294,15 +298,19 @@ class Cascade:
             return load_stage(name, dirs[name], device, merged, require_weights=require_weights, engine=engine, amp=amp)
 
         organs = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
+        coarse, locator = stage("coarse"), stage("locator") if organs else None
+        groups = [stage(group) for group in ("solid", "digestive", "vessels")]
+        refiners = [stage("refiner", {"organ": ORGANS[o]}) for o in organs]
+        used = {"torch" if s.engine is None else s.engine.name for s in [coarse, locator, *groups, *refiners] if s}
         return cls(
-            coarse=stage("coarse"),
-            groups=[stage(group) for group in ("solid", "digestive", "vessels")],
-            locator=stage("locator") if organs else None,
-            refiners=[stage("refiner", {"organ": ORGANS[o]}) for o in organs],
+            coarse=coarse,
+            groups=groups,
+            locator=locator,
+            refiners=refiners,
             device=device,
             amp=amp,
             largest_component=largest_component,
-            engine=engine,
+            engine=used.pop() if len(used) == 1 else "mixed",
             max_voxels=max_voxels,
         )
 

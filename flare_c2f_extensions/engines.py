@@ -1,9 +1,10 @@
 """Engines that run a stage's network: PyTorch (any device) or OpenVINO (CPU).
 
-``engine="auto"`` takes OpenVINO on a CPU when the ``openvino`` package is installed and torch otherwise. The
-rule is measured, not assumed (``benchmarks/engines.py``, README "Measured"): on this project's CPUs OpenVINO
-runs every stage grid of the cascade faster than torch in the same precision, so there is nothing to time again
-per machine; on CUDA only torch runs.
+``engine="auto"`` takes OpenVINO on a CPU when the ``openvino`` package is installed and torch otherwise, and
+torch for a stage without a checkpoint (random weights, as in timing runs and tests): such a stage cannot be cached,
+and converting it in every process costs more than it saves on a few cases. The rule is measured, not assumed
+(README "Measured"): on this project's CPUs OpenVINO runs the cascade's grids faster than torch in the same
+precision; on CUDA only torch runs.
 
 OpenVINO stages are converted from the PyTorch network (trained weights loaded) at first use. Conversion takes
 seconds to minutes for the paper-size network, so the converted model (OpenVINO IR) is cached in

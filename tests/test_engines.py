@@ -37,6 +37,12 @@ def test_auto_takes_openvino_on_a_cpu_and_torch_elsewhere():
     assert engines.resolve_engine("torch", "cpu") == "torch"
 
 
+def test_auto_keeps_torch_for_a_stage_without_weights(tmp_path):
+    assert _coarse(tmp_path / "no_weights", engine="auto", require_weights=False).engine is None  # torch
+    _coarse_checkpoint(tmp_path / "stage" / "models" / "model.pt", seed=1)
+    assert _coarse(tmp_path / "stage", engine="auto").engine.name == "openvino"
+
+
 def test_openvino_missing_or_on_a_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(engines.EngineError, match="CPU only"):
         engines.resolve_engine("openvino", "cuda")
@@ -57,9 +63,10 @@ def _coarse_checkpoint(path, seed):
     return path
 
 
-def _coarse(root, engine="openvino"):
+def _coarse(root, engine="openvino", require_weights=True):
     overrides = {"bundle_root": str(root), "spatial_size": [32, 32, 32], **TINY_NET}
-    return load_stage("coarse", BUNDLES / "flare22_coarse", "cpu", overrides, engine=engine, amp=False)
+    stage_dir = BUNDLES / "flare22_coarse"
+    return load_stage("coarse", stage_dir, "cpu", overrides, engine=engine, amp=False, require_weights=require_weights)
 
 
 def test_openvino_model_is_cached_by_checkpoint_and_never_stale(tmp_path, engine_cache):
