@@ -141,12 +141,19 @@ def _compile(model, amp: bool, blob_cache: bool = False):
     return openvino.Core().compile_model(model, "CPU", _compile_config(amp, blob_cache))
 
 
+CONVERT_SIZE = 32  # traced on a small input (a paper-size pass at 160^3 takes minutes to trace), then reshaped
+
+
 def _convert(network: torch.nn.Module, spatial_size: Sequence[int]):
+    """OpenVINO model of a fully convolutional network, traced on a small cube and reshaped to the stage's grid."""
     import openvino
 
-    example = torch.zeros((1, 1, *(int(s) for s in spatial_size)))
+    grid = [int(s) for s in spatial_size]
+    example = torch.zeros((1, 1, *[min(CONVERT_SIZE, s) for s in grid]))
     with torch.no_grad():
-        return openvino.convert_model(network.cpu().float().eval(), example_input=example)
+        model = openvino.convert_model(network.cpu().float().eval(), example_input=example)
+    model.reshape([1, 1, *grid])
+    return model
 
 
 def cached_openvino_ir(key: str | None) -> Path | None:
