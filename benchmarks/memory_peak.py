@@ -84,6 +84,14 @@ def use_guides(cascade: Cascade, coarse: torch.Tensor, small: torch.Tensor) -> N
     cascade.coarse.predict, cascade._locate = coarse_stage, locator
 
 
+def stub_networks(cascade: Cascade) -> None:
+    """Fixed random logits instead of every network (``--stub``): the volumes' memory alone, quickly."""
+    for stage in [cascade.coarse, *cascade.groups, cascade.locator, *cascade.refiners]:
+        if stage is not None:
+            logits = torch.randn((1, len(stage.labels) + 1, *stage.spatial_size))
+            stage.network = stage.engine = (lambda x, logits=logits: logits)
+
+
 def cap_rss(cap_gb: float) -> None:
     """Stop this process (exit 3) when its RSS passes ``cap_gb``: a guard for the machine, checked every 0.05 s."""
     process = psutil.Process()
@@ -106,6 +114,7 @@ def main() -> None:
     parser.add_argument("--boxes", default="realistic", choices=["realistic", "whole"])
     parser.add_argument("--channels", default=None, help="network widths (default: the paper's), e.g. 4,8,8,8,8")
     parser.add_argument("--engine", default=None, help="torch, openvino or auto (newer code only)")
+    parser.add_argument("--stub", action="store_true", help="fixed random logits instead of the networks")
     parser.add_argument("--cap_gb", type=float, default=None, help="stop when RSS passes this many GB")
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
@@ -120,6 +129,8 @@ def main() -> None:
         widths = [int(c) for c in args.channels.split(",")]
         options["stage_overrides"] = {name: {"network_def": {"channels": widths}} for name in STAGE_BUNDLES}
     cascade = Cascade.from_bundles(device="cpu", require_weights=False, **options)
+    if args.stub:
+        stub_networks(cascade)
     use_guides(cascade, *guides(args.boxes))
     if args.cap_gb:
         cap_rss(args.cap_gb)
@@ -127,7 +138,7 @@ def main() -> None:
         result = cascade.segment(path)
     usage = monitor.usage
     print(f"CT {shape} int16, boxes {args.boxes}, engine {getattr(cascade, 'engine', 'torch')}, networks "
-          f"{args.channels or 'paper size'}: peak RSS {usage.peak_rss_mb / 1024:.2f} GB, {usage.seconds:.0f} s, "
+          f"{'stubbed' if args.stub else args.channels or 'paper size'}: peak RSS {usage.peak_rss_mb / 1024:.2f} GB, {usage.seconds:.0f} s, "
           f"labels {np.unique(result.labels).tolist()}, skipped {result.skipped}")
 
 
