@@ -39,7 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     channels = [int(c) for c in args.channels.split(",")] if args.channels else None
     overrides = stage_overrides(Path(args.quickstart), channels)
-    cascades = {e: Cascade.from_bundles(device="cpu", stage_overrides=overrides, engine=e) for e in ("torch", "openvino")}
+    cascades = {
+        engine: Cascade.from_bundles(device="cpu", stage_overrides=overrides, engine=engine)
+        for engine in ("torch", "openvino")
+    }
     rows = []
     for folder in map(Path, args.data):
         for image in sorted((folder / "imagesTs").glob("*_0000.nii.gz")):

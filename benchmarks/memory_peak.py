@@ -138,7 +138,8 @@ def main() -> None:
         result = cascade.segment(path)
     usage = monitor.usage
     print(f"CT {shape} int16, boxes {args.boxes}, engine {getattr(cascade, 'engine', 'torch')}, networks "
-          f"{'stubbed' if args.stub else args.channels or 'paper size'}: peak RSS {usage.peak_rss_mb / 1024:.2f} GB, {usage.seconds:.0f} s, "
+          f"{'stubbed' if args.stub else args.channels or 'paper size'}: peak RSS {usage.peak_rss_mb / 1024:.2f} GB, "
+          f"{usage.seconds:.0f} s, "
           f"labels {np.unique(result.labels).tolist()}, skipped {result.skipped}")
 
 

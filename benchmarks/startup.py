@@ -99,7 +99,7 @@ def main() -> None:
     print(f"  network building        {network:7.2f} s   (configs parsed, networks made)")
     print(f"  weight loading          {totals.get('weights', 0.0):7.2f} s")
     print(f"  checkpoint hashing      {totals.get('hashing', 0.0):7.2f} s")
-    print(f"  engine compilation      {totals.get('engine', 0.0):7.2f} s   (OpenVINO: conversion or cache read, compile)")
+    print(f"  engine compilation      {totals.get('engine', 0.0):7.2f} s   (OpenVINO: converted or cached, compiled)")
     print(f"  first case              {first:7.2f} s")
     print(f"  whole process           {whole:7.2f} s   (interpreter start to the label map written)")
     best = min(warm) if warm else float("nan")

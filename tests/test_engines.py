@@ -106,7 +106,7 @@ def test_cache_key_follows_the_checkpoint_bytes_grid_and_network(tmp_path):
 def trained(cohort, tmp_path_factory):
     """The four big-organ stages trained briefly through their bundles (tiny networks, 32^3)."""
     epochs = {"coarse": 25, "solid": 10, "digestive": 10, "vessels": 10}
-    stages = {name: (QUICK_STAGES[name][0], {"spatial_size": [32, 32, 32], "max_epochs": epochs[name]}) for name in TRAINED}
+    stages = {n: (QUICK_STAGES[n][0], {"spatial_size": [32, 32, 32], "max_epochs": epochs[n]}) for n in TRAINED}
     return train_stages(cohort, tmp_path_factory.mktemp("trained"), QUICK_NETWORK, stages)
 
 
@@ -163,5 +163,6 @@ def test_the_cascade_checks_the_limit_before_reading(cohort, monkeypatch):
 
     monkeypatch.setattr(cascade_module, "read_ct", read_ct)
     image = sorted((cohort / "imagesTs").glob("*.nii.gz"))[0]
-    with pytest.raises(InputError, match=f"{image.name}: 48x48x32 = 73728 voxels, more than the cascade's limit of 1000"):
+    expected = f"{image.name}: 48x48x32 = 73728 voxels, more than the cascade's limit of 1000"
+    with pytest.raises(InputError, match=expected):
         Cascade(None, [], None, [], max_voxels=1000).segment(image)
