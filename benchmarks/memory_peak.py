@@ -50,14 +50,10 @@ def guides(boxes: str):
     """Coarse labels and small-organ labels on a 128^3 grid spanning the CT."""
     coarse = np.zeros((GRID,) * 3, dtype=np.uint8)
     organs = [o for group in ("solid", "digestive", "vessels", "small") for o in GROUPS[group]]
-    if boxes == "whole":  # every group's organs in opposite corners: every box is the whole volume
-        for organ in organs:
-            coarse[0, 0, 0] = coarse[-1, -1, -1] = organ
-            coarse[organ % 2 :: 37, 5:7, 5:7] = organ
-        for group in ("solid", "digestive", "vessels", "small"):
-            first, last = GROUPS[group][0], GROUPS[group][-1]
-            coarse[0, 0, :2], coarse[-1, -1, -2:] = first, last
-            coarse[0, -1, 0], coarse[-1, 0, -1] = first, last
+    if boxes == "whole":  # each group's organs near opposite corners: every box is (about) the whole volume
+        for index, group in enumerate(("solid", "digestive", "vessels", "small")):
+            for k, organ in enumerate(GROUPS[group]):
+                coarse[index, k, 0] = coarse[-1 - index, -1 - k, -1] = organ
     else:  # organs of a few cm at abdominal places (the grid's voxel is about 5.6 x 5.6 x 3.1 mm here)
         for index, organ in enumerate(organs):
             cx, cy, cz = 30 + (index * 7) % 70, 40 + (index * 11) % 50, 30 + (index * 5) % 60
