@@ -35,14 +35,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quickstart", required=True)
     parser.add_argument("--data", nargs="+", required=True)
+    parser.add_argument("--amp", default="auto", choices=["auto", "true", "false"], help="false: f32 on both engines")
     parser.add_argument("--small_organs", default=None, help="organs with a refiner, e.g. gallbladder (default all)")
     parser.add_argument("--channels", default=None, help="network widths if not the quickstart's, e.g. 8,16,32,32,64")
     args = parser.parse_args()
     channels = [int(c) for c in args.channels.split(",")] if args.channels else None
     overrides = stage_overrides(Path(args.quickstart), channels)
     organs = args.small_organs.split(",") if args.small_organs else None
+    amp = None if args.amp == "auto" else args.amp == "true"
     cascades = {
-        engine: Cascade.from_bundles(device="cpu", stage_overrides=overrides, engine=engine, small_organs=organs)
+        engine: Cascade.from_bundles(device="cpu", stage_overrides=overrides, engine=engine, small_organs=organs, amp=amp)
         for engine in ("torch", "openvino")
     }
     rows = []
