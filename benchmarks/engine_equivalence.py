@@ -43,10 +43,8 @@ def main() -> None:
     overrides = stage_overrides(Path(args.quickstart), channels)
     organs = args.small_organs.split(",") if args.small_organs else None
     amp = None if args.amp == "auto" else args.amp == "true"
-    cascades = {
-        engine: Cascade.from_bundles(device="cpu", stage_overrides=overrides, engine=engine, small_organs=organs, amp=amp)
-        for engine in ("torch", "openvino")
-    }
+    options = {"device": "cpu", "stage_overrides": overrides, "small_organs": organs, "amp": amp}
+    cascades = {engine: Cascade.from_bundles(engine=engine, **options) for engine in ("torch", "openvino")}
     rows = []
     for folder in map(Path, args.data):
         for image in sorted((folder / "imagesTs").glob("*_0000.nii.gz")):
