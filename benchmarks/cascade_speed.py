@@ -4,17 +4,24 @@ Speed does not depend on the weights, so random (He-normal) weights give honest 
 the boxes. A random coarse network labels noise all over the volume, so every box would be the whole volume;
 with ``--guides truth`` (the default) the coarse stage and the locator still run their networks (timed) but
 then hand on the phantom's ground truth as their mask, so every box has the size a trained cascade gives it.
-Prints seconds per stage, the total, peak RSS and, on CUDA, peak GPU memory.
+Prints seconds per stage split into the network's time and the time around it (crop and resize, resize back and
+fusion, reading, largest components), the total, peak RSS and, on CUDA, peak GPU memory.
 
     python benchmarks/cascade_speed.py                      # 512x512x300, 0.8x0.8x1.5 mm, best device
-    python benchmarks/cascade_speed.py --device cpu --amp true --repeats 2
+    python benchmarks/cascade_speed.py --device cpu --amp true --repeats 2 --engine openvino
+    python benchmarks/cascade_speed.py --case /tmp/bench   # keep the generated CT there and reuse it
+
+The script also runs against older checkouts of the package (``cd OLD && python NEW/benchmarks/cascade_speed.py``,
+without ``--engine``), so today's and yesterday's code can be timed side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -22,7 +29,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from flare_c2f_extensions.cascade import Cascade
+from flare_c2f_extensions.cascade import STAGE_BUNDLES, Cascade
 from flare_c2f_extensions.efficiency import ResourceMonitor
 from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.phantom import make_case
@@ -35,18 +42,87 @@ def use_truth_as_guides(cascade: Cascade, case) -> None:
     truth = torch.from_numpy(np.ascontiguousarray(nib.orientations.apply_orientation(case.label, ornt)))
     truth = truth.to(cascade.device)
     coarse_predict, locate = cascade.coarse.predict, cascade._locate
+    # made once here, so that the benchmark's own work does not count as the cascade's
+    on_grid = resize_spatial(truth[None], cascade.coarse.spatial_size, "nearest")[0].long()
+    coarse_truth = torch.nn.functional.one_hot(on_grid, 14).permute(3, 0, 1, 2)[None].float()
+    small = torch.where(torch.isin(truth, torch.tensor(GROUPS["small"], device=truth.device)), truth, 0)
+    small = small[None].to(torch.uint8)
 
     def coarse(x, amp):
-        probs = coarse_predict(x, amp)
-        on_grid = resize_spatial(truth[None], probs.shape[2:], "nearest")[0].long()
-        return torch.nn.functional.one_hot(on_grid, probs.shape[1]).permute(3, 0, 1, 2)[None].float()
+        coarse_predict(x, amp)
+        return coarse_truth
 
     def locator(image, coarse_mask):
         locate(image, coarse_mask)
-        small = torch.where(torch.isin(truth, torch.tensor(GROUPS["small"], device=truth.device)), truth, 0)
-        return MetaTensor(small[None].to(torch.uint8), affine=image.affine)
+        return MetaTensor(small, affine=image.affine)
 
     cascade.coarse.predict, cascade._locate = coarse, locator
+
+
+class NetworkTimer:
+    """Wraps a stage's network (or engine) call and adds its wall time to ``seconds[stage]``."""
+
+    def __init__(self, call, seconds: dict, stage: str, device: str):
+        self.call, self.seconds, self.stage, self.device = call, seconds, stage, device
+
+    def __call__(self, x):
+        started = time.perf_counter()
+        out = self.call(x)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + time.perf_counter() - started
+        return out
+
+
+def time_networks(cascade: Cascade, device: str) -> dict:
+    """Time every stage's network calls; returns the dict the times accumulate in (stage name -> seconds)."""
+    seconds: dict = {}
+    stages = [cascade.coarse, *cascade.groups, cascade.locator, *cascade.refiners]
+    for stage in stages:
+        if stage is None:
+            continue
+        label = stage.name if stage.name != "refiner" else f"refiner_{stage.labels[0]}"
+        if getattr(stage, "engine", None) is not None:
+            stage.engine = NetworkTimer(stage.engine, seconds, label, device)
+        else:
+            stage.network = NetworkTimer(stage.network, seconds, label, device)
+    return seconds
+
+
+class StubNetwork:
+    """Fixed random logits of a stage's shape instead of its network: times the work around the networks alone."""
+
+    def __init__(self, stage):
+        generator = torch.Generator().manual_seed(len(stage.labels))
+        self.logits = torch.randn((1, len(stage.labels) + 1, *stage.spatial_size), generator=generator)
+
+    def __call__(self, x):
+        return self.logits
+
+
+def stub_networks(cascade: Cascade) -> None:
+    for stage in [cascade.coarse, *cascade.groups, cascade.locator, *cascade.refiners]:
+        if stage is not None:
+            stage.network = StubNetwork(stage)
+            if getattr(stage, "engine", None) is not None:
+                stage.engine = stage.network
+
+
+def write_case(folder: Path, shape, spacing):
+    """The benchmark CT (and its truth) in ``folder``, generated once."""
+    image, label = folder / "bench_0000.nii.gz", folder / "bench_label.nii.gz"
+    if not (image.is_file() and label.is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        case = make_case(0, shape=shape, spacing=spacing, orientation="LPS")
+        nib.save(nib.Nifti1Image(case.image, case.affine), str(image))
+        nib.save(nib.Nifti1Image(case.label, case.affine), str(label))
+    truth = nib.load(str(label))
+    return image, _Truth(np.asarray(truth.dataobj), truth.affine)
+
+
+class _Truth:
+    def __init__(self, label, affine):
+        self.label, self.affine = label, affine
 
 
 def main() -> None:
@@ -58,6 +134,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="cases timed after one warm-up")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--guides", default="truth", choices=["truth", "network"], help="see the docstring")
+    parser.add_argument("--engine", default=None, help="torch, openvino or auto (default: the package's default)")
+    parser.add_argument("--case", default=None, help="folder to keep the generated CT in (default: a temporary one)")
+    parser.add_argument("--stub", action="store_true", help="fixed random logits instead of the networks: only "
+                        "the time around them (reading, crops, resizes, fusion, largest components) is spent")
+    parser.add_argument("--channels", default=None, help="network widths, e.g. 4,8,8,8,8: tiny networks, to time "
+                        "the work around them quickly (default: the paper's size)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,26 +147,43 @@ def main() -> None:
     shape = tuple(int(s) for s in args.shape.split(","))
     spacing = tuple(float(s) for s in args.spacing.split(","))
     amp = None if args.amp == "auto" else args.amp == "true"
+    options = {"engine": args.engine} if args.engine else {}
+    if options and "engine" not in inspect.signature(Cascade.from_bundles).parameters:
+        parser.error("this checkout's Cascade has no engine argument")
     with tempfile.TemporaryDirectory() as tmp:
-        case = make_case(0, shape=shape, spacing=spacing, orientation="LPS")
-        path = Path(tmp) / "bench_0000.nii.gz"
-        nib.save(nib.Nifti1Image(case.image, case.affine), str(path))
-        cascade = Cascade.from_bundles(device=args.device, amp=amp, require_weights=False)
+        path, case = write_case(Path(args.case or tmp), shape, spacing)
+        if args.channels:
+            widths = [int(c) for c in args.channels.split(",")]
+            options["stage_overrides"] = {name: {"network_def": {"channels": widths}} for name in STAGE_BUNDLES}
+        cascade = Cascade.from_bundles(device=args.device, amp=amp, require_weights=False, **options)
+        if args.stub:
+            stub_networks(cascade)
         if args.guides == "truth":
             use_truth_as_guides(cascade, case)
+        network_seconds = time_networks(cascade, args.device)
         cascade.segment(path)  # warm-up: allocator, kernels, cudnn autotuning
         runs = []
         for _ in range(args.repeats):
+            network_seconds.clear()
+            cpu = time.process_time()
             with ResourceMonitor(args.device) as monitor:
                 result = cascade.segment(path)
-            runs.append({"usage": monitor.usage.as_dict(), "stage_seconds": result.seconds})
+            runs.append({"usage": monitor.usage.as_dict(), "stage_seconds": result.seconds,
+                         "network_seconds": dict(network_seconds), "cpu_seconds": time.process_time() - cpu})
     best = min(runs, key=lambda r: r["usage"]["seconds"])
-    print(f"device {args.device}, amp {cascade.amp}, threads {torch.get_num_threads()}, guides {args.guides}, "
-          f"CT {shape} at {spacing} mm")
+    print(f"device {args.device}, engine {getattr(cascade, 'engine', 'torch')}, amp {cascade.amp}, "
+          f"threads {torch.get_num_threads()}, guides {args.guides}, CT {shape} at {spacing} mm")
+    print(f"  {'stage':<14}{'all':>8}{'network':>9}{'around':>8}")
+    around_total = 0.0
     for stage, seconds in best["stage_seconds"].items():
-        print(f"  {stage:<14}{seconds:8.2f} s")
+        network = best["network_seconds"].get(stage, 0.0)
+        around_total += seconds - network
+        print(f"  {stage:<14}{seconds:8.2f}{network:9.2f}{seconds - network:8.2f}")
     usage = best["usage"]
-    print(f"  {'total':<14}{usage['seconds']:8.2f} s   (runs: {', '.join(str(r['usage']['seconds']) for r in runs)})")
+    print(f"  {'total':<14}{usage['seconds']:8.2f}{sum(best['network_seconds'].values()):9.2f}{around_total:8.2f} s"
+          f"   (runs: {', '.join(str(r['usage']['seconds']) for r in runs)})")
+    print(f"  CPU time of the case (all threads; steadier than wall time on a shared machine): "
+          f"{', '.join('%.2f' % r['cpu_seconds'] for r in runs)} s")
     print(f"  peak RSS {usage['peak_rss_mb']:.0f} MB, peak GPU {usage['peak_gpu_mb']:.0f} MB, "
           f"GPU area {usage['gpu_mb_seconds']:.0f} MB*s, CPU area {usage['cpu_percent_seconds']:.0f} %*s")
     print(json.dumps(best))

@@ -20,7 +20,6 @@ cascade and the stage bundles cannot drift apart: the same ``CropFromMask`` comp
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -28,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 from .configs import read_stage_config
 from .discovery import case_name
 from .efficiency import ResourceMonitor
+from .engines import TorchEngine, cached_openvino_ir, openvino_cache_key, openvino_engine, resolve_engine
 from .errors import InputError, InputWarnings
 from .files import finished_output, outputs_apart_from_inputs, prepare_output_dir, write_text_atomic
 from .images import image_geometry, read_ct
@@ -57,6 +57,7 @@ from .transforms import (
     dropped_components,
     fov_affine,
     keep_largest_component,
+    resize_rows,
     resize_spatial,
 )
 from .transforms import (
@@ -65,8 +66,8 @@ from .transforms import (
 from .weights import load_weights
 
 __all__ = [
-    "BUNDLES_DIR", "FAILED_CASES_EXIT_STATUS", "STAGE_BUNDLES", "Cascade", "CascadeRunner", "CaseResult", "Stage",
-    "default_amp", "load_stage", "segment_to_file",
+    "BUNDLES_DIR", "FAILED_CASES_EXIT_STATUS", "MAX_CASE_VOXELS", "STAGE_BUNDLES", "Cascade", "CascadeRunner",
+    "CaseResult", "Stage", "check_voxel_count", "default_amp", "load_stage", "segment_to_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,17 +82,15 @@ class Stage:
     """
 
     name: str
-    network: torch.nn.Module
+    network: torch.nn.Module | None
     spatial_size: tuple[int, int, int]
     labels: tuple[int, ...]
     cropper: CropFromMask | None = None
+    engine: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits of a batch; None: ``network`` in torch
 
     def predict(self, x: torch.Tensor, amp: bool) -> torch.Tensor:
         """Softmax probabilities (1, k+1, *spatial_size) for one channel-first input already on the grid."""
-        device_type = x.device.type
-        autocast = torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
-        with autocast if amp else contextlib.nullcontext():
-            logits = self.network(x[None])
+        logits = (self.engine or TorchEngine(self.network, amp))(x[None])
         return torch.softmax(logits.float(), dim=1)
 
 
@@ -116,8 +115,15 @@ def load_stage(
     overrides: Mapping | None = None,
     weights: str | os.PathLike | None = None,
     require_weights: bool = True,
+    engine: str = "torch",
+    amp: bool | None = None,
 ) -> Stage:
     """Build a stage from its bundle: ``network_def`` with the checkpoint at ``ckpt_path`` (or ``weights``).
+
+    ``engine``: ``torch``, ``openvino`` or ``auto`` (:mod:`~flare_c2f_extensions.engines`; ``auto`` keeps torch for a
+    stage without a checkpoint, whose conversion could not be cached); an OpenVINO stage whose
+    checkpoint was converted before is read from the cache (keyed by the checkpoint's sha256) without building the
+    PyTorch network. ``amp`` (OpenVINO only; ``None``: :func:`default_amp`): bf16 where the CPU has it, else f32.
 
     A checkpoint whose name ends in ``.ts`` is a TorchScript module (``python -m monai.bundle ckpt_export``, or
     ``python -m flare_c2f_extensions export``): it is loaded with ``torch.jit.load`` and ``network_def`` is not
@@ -128,7 +134,14 @@ def load_stage(
     """
     parser = read_stage_config(bundle_dir, overrides, name)
     checkpoint = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
-    if checkpoint.suffix == ".ts" and checkpoint.is_file():
+    spatial_size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
+    automatic, engine = engine in (None, "auto"), resolve_engine(engine, device)
+    if automatic and not checkpoint.is_file():  # random weights: converting each time costs more than it saves
+        engine = "torch"
+    key = _openvino_key(engine, checkpoint, parser, spatial_size)
+    if cached_openvino_ir(key) is not None:
+        network = None  # converted before: neither the PyTorch network nor its weights are needed
+    elif checkpoint.suffix == ".ts" and checkpoint.is_file():
         try:
             network = torch.jit.load(str(checkpoint), map_location=torch.device(device))
         except RuntimeError as error:
@@ -143,17 +156,49 @@ def load_stage(
             raise InputError(f"{checkpoint}: no {what} for the {name} stage (train it with its configs/train.json)")
         else:
             logger.warning("%s: no weights at %s, using random initialisation", name, checkpoint)
-    network = network.to(device).eval()
-    spatial_size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
+    stage_engine = None  # torch: the network itself, autocast as the cascade says
+    if engine == "openvino":
+        amp = default_amp(torch.device(device)) if amp is None else bool(amp)
+        stage_engine = openvino_engine(name, amp, key, lambda: network, spatial_size)
+        network = None
+    else:
+        network = network.to(device).eval()
     if name == "coarse":
-        return Stage(name, network, spatial_size, tuple(range(1, int(parser.get_parsed_content("num_classes")))))
+        labels = tuple(range(1, int(parser.get_parsed_content("num_classes"))))
+        return Stage(name, network, spatial_size, labels, engine=stage_engine)
     labels = tuple(int(v) for v in parser.get_parsed_content("labels"))
     # the organs whose box the stage crops: its own, unless the bundle says otherwise (the locator: all foreground)
     box_labels = parser.get_parsed_content("roi_labels") if "roi_labels" in parser else labels
     min_size = parser.get_parsed_content("min_size_mm") if "min_size_mm" in parser else None
     margin = parser.get_parsed_content("margin_mm")
     cropper = CropFromMask(box_labels, spatial_size, margin, min_size, mask_grid="affine")
-    return Stage(name, network, spatial_size, labels, cropper)
+    return Stage(name, network, spatial_size, labels, cropper, engine=stage_engine)
+
+
+def _openvino_key(engine: str, checkpoint: Path, parser, spatial_size) -> str | None:
+    """The OpenVINO cache key of a stage (``None``: torch engine, or no checkpoint to key it by)."""
+    if engine != "openvino" or not checkpoint.is_file():
+        return None
+    return openvino_cache_key(checkpoint, parser.get("network_def"), spatial_size)
+
+
+# Peak memory grows with the input, about 10 bytes per voxel (the float32 image, the float32 confidence map and the
+# uint8 label map at full resolution, plus reading): 1024 x 1024 x 512 voxels stay under 8 GB (README "Measured").
+MAX_CASE_VOXELS = 1024 * 1024 * 512
+
+
+def check_voxel_count(path: str | os.PathLike, limit: int | None) -> None:
+    """Refuse an input with more than ``limit`` voxels from its header (NIfTI header or DICOM headers), before any
+    voxel is read or memory allocated."""
+    if limit is None:
+        return
+    shape = image_geometry(path).shape
+    count = int(np.prod(shape, dtype=np.int64))
+    if count > limit:
+        raise InputError(
+            f"{path}: {shape[0]}x{shape[1]}x{shape[2]} = {count} voxels, more than the cascade's limit of {limit} "
+            f"(about {limit * 10 / 1e9:.0f} GB of memory); raise it with max_voxels if this machine has the memory"
+        )
 
 
 @dataclass
@@ -188,11 +233,15 @@ class Cascade:
         device: torch.device | str = "cpu",
         amp: bool | None = None,
         largest_component: bool = True,
+        engine: str = "torch",
+        max_voxels: int | None = MAX_CASE_VOXELS,
     ):
         self.coarse, self.groups, self.locator, self.refiners = coarse, list(groups), locator, list(refiners)
         self.device = torch.device(device)
         self.amp = default_amp(self.device) if amp is None else bool(amp)
         self.largest_component = largest_component
+        self.engine = engine  # what the stages were loaded with (for reports); each Stage holds its own engine
+        self.max_voxels = max_voxels
 
     @classmethod
     def from_bundles(
@@ -206,15 +255,23 @@ class Cascade:
         require_weights: bool = True,
         largest_component: bool = True,
         organs: Sequence[str | int] | None = None,
+        engine: str | None = "auto",
+        max_voxels: int | None = MAX_CASE_VOXELS,
     ) -> Cascade:
         """Load every stage from its bundle folder (siblings in ``bundles_dir`` unless ``stage_dirs`` says otherwise).
 
         ``stage_overrides``: config overrides per stage name (``coarse``, ``solid``, ``digestive``, ``vessels``,
         ``locator``, ``refiner``), e.g. a small network; ``small_organs``: the organs that get a refiner
         (default the four small organs); ``organs``: only the stages these organs need are loaded (the coarse
-        stage, the groups that hold them, the locator and refiners of the small ones among them).
+        stage, the groups that hold them, the locator and refiners of the small ones among them). ``engine``:
+        ``torch``, ``openvino`` (CPU) or ``auto`` (OpenVINO on a CPU when it is installed for every stage with a
+        checkpoint, torch for random weights; see :mod:`~flare_c2f_extensions.engines`). ``max_voxels``: larger
+        inputs are refused from their header, before any voxel is read (``None``: no limit; see
+        :data:`MAX_CASE_VOXELS`).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        resolve_engine(engine, device)  # fails early and clearly when the engine cannot run here
+        amp = default_amp(device) if amp is None else bool(amp)
         bundles_dir = Path(bundles_dir) if bundles_dir is not None else default_bundles_dir()
         dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
         dirs.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
@@ -222,20 +279,25 @@ class Cascade:
 
         def stage(name, extra=None):
             merged = {**overrides.get(name, {}), **(extra or {})}
-            return load_stage(name, dirs[name], device, merged, require_weights=require_weights)
+            return load_stage(name, dirs[name], device, merged, require_weights=require_weights, engine=engine, amp=amp)
 
         wanted = set(ORGANS) if organs is None else {organ_id(o) for o in organs}
         small = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
         small = tuple(o for o in small if o in wanted)
-        groups = [group for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
+        coarse, locator = stage("coarse"), stage("locator") if small else None
+        groups = [stage(group) for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
+        refiners = [stage("refiner", {"organ": ORGANS[o]}) for o in small]
+        used = {"torch" if s.engine is None else s.engine.name for s in [coarse, locator, *groups, *refiners] if s}
         return cls(
-            coarse=stage("coarse"),
-            groups=[stage(group) for group in groups],
-            locator=stage("locator") if small else None,
-            refiners=[stage("refiner", {"organ": ORGANS[o]}) for o in small],
+            coarse=coarse,
+            groups=groups,
+            locator=locator,
+            refiners=refiners,
             device=device,
             amp=amp,
             largest_component=largest_component,
+            engine=used.pop() if len(used) == 1 else "mixed",
+            max_voxels=max_voxels,
         )
 
     # -- one case --------------------------------------------------------------------------------------------
@@ -259,6 +321,7 @@ class Cascade:
             seconds[name] = seconds.get(name, 0.0) + now - clock
             clock = now
 
+        check_voxel_count(path, self.max_voxels)
         image, ornt = read_ct(path, self.device)
         shape = tuple(image.shape[1:])
         lap("load")
@@ -318,22 +381,31 @@ class Cascade:
         return _guide(lut[local], affine)
 
 
+FUSE_SLAB_VOXELS = 2**23  # voxels of a box resized and fused at a time: about 90 MB of work arrays per slab
+
+
 def _fuse(probs: torch.Tensor, box, stage_labels: Sequence[int], labels, confidence) -> None:
-    """Resize ``probs`` (k+1 channels on the stage grid) to the box one channel at a time; write organ claims
-    that beat the current confidence (in place, through views of the full-resolution maps)."""
+    """Resize ``probs`` (k+1 channels on the stage grid) to the box and write the organ claims that beat the
+    current confidence, one slab of the box (along its first axis) and one channel at a time: the work arrays
+    are bounded by :data:`FUSE_SLAB_VOXELS`, not by the box, and the full-resolution maps are written through
+    views."""
     size = box_size(box)
-    best_p = resize_spatial(probs[0:1], size, "trilinear")[0]
-    best_c = torch.zeros(size, dtype=torch.uint8, device=probs.device)
-    for channel in range(1, probs.shape[0]):
-        p = resize_spatial(probs[channel : channel + 1], size, "trilinear")[0]
-        best_c.masked_fill_(p > best_p, channel)
-        torch.maximum(best_p, p, out=best_p)
     region = box_slices(box)
-    region_labels, region_confidence = labels[region], confidence[region]
-    claim = (best_c > 0) & (best_p > region_confidence)
-    lut = torch.tensor((0,) + tuple(stage_labels), dtype=torch.uint8, device=probs.device)
-    region_labels[claim] = lut[best_c[claim].long()]
-    region_confidence[claim] = best_p[claim]
+    rows = max(1, FUSE_SLAB_VOXELS // (size[1] * size[2]))
+    for start in range(0, size[0], rows):
+        stop = min(size[0], start + rows)
+        best_p = resize_rows(probs[0:1], size, start, stop)[0]
+        best_label = torch.zeros(best_p.shape, dtype=torch.uint8, device=probs.device)  # 0: background wins
+        for channel, organ in enumerate(stage_labels, start=1):
+            p = resize_rows(probs[channel : channel + 1], size, start, stop)[0]
+            best_label.masked_fill_(p > best_p, organ)
+            torch.maximum(best_p, p, out=best_p)
+        del p
+        slab = (slice(region[0].start + start, region[0].start + stop),) + region[1:]
+        slab_labels, slab_confidence = labels[slab], confidence[slab]
+        claim = (best_label > 0).logical_and_(best_p > slab_confidence)
+        slab_labels.copy_(torch.where(claim, best_label, slab_labels))  # where + copy: no gathers or scatters
+        slab_confidence.copy_(torch.where(claim, best_p, slab_confidence))
 
 
 def _fov_affine_of(image: MetaTensor, grid: Sequence[int]) -> np.ndarray:

@@ -124,7 +124,8 @@ def _load_nifti(path: Path):
 
 
 def read_voxels(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The image's voxels in HU (float32, 3D, the file's own layout) and its affine."""
+    """The image's voxels in HU (float32, or int16 when stored so unscaled; 3D, the file's own layout) and its
+    affine."""
     if path.is_dir():
         series = DicomSeries.read(path, pixels=True)
         return series.data, series.affine
@@ -139,7 +140,11 @@ def read_voxels(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise InputError(
                 f"{path}: an 8-bit integer image ({stored}) cannot hold Hounsfield units: a label map, not a CT"
             )
-        data = np.asarray(nifti.dataobj, dtype=np.float32)
+        if stored == np.int16 and unscaled:  # the usual CT: kept in int16 (2 bytes a voxel) until read_ct scales it
+            data = np.asarray(nifti.dataobj)
+        else:
+            data = np.asarray(nifti.dataobj, dtype=np.float32)
+        del nifti
     except InputError:
         raise
     except Exception as error:
@@ -189,5 +194,9 @@ def read_ct(path: str | os.PathLike, device: torch.device | str = "cpu") -> tupl
     tensor = torch.from_numpy(np.ascontiguousarray(ras)).to(device)
     del data, ras
     low, high = HU_RANGE
-    tensor = tensor.clamp_(low, high).sub_(low).div_(high - low)[None]  # in place: no full-size temporaries
+    if tensor.dtype == torch.int16:  # clamp and shift in int16 (whole HU: exact), then one float copy
+        tensor = tensor.clamp_(int(low), int(high)).sub_(int(low)).to(torch.float32)
+    else:
+        tensor = tensor.clamp_(low, high).sub_(low)
+    tensor = tensor.div_(high - low)[None]  # in place: no full-size temporaries
     return MetaTensor(tensor, affine=torch.as_tensor(ras_affine, dtype=torch.float64)), back

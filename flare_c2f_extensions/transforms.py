@@ -292,6 +292,35 @@ def resize_spatial(x, spatial_size: Sequence[int], mode: str = "trilinear") -> t
     raise ValueError(f"unsupported interpolation mode {mode!r}: use nearest, (bi/tri)linear or area")
 
 
+def _linear_axis(in_size: int, out_size: int, start: int, stop: int):
+    """Source indices and weights of outputs ``start..stop-1`` of a linear resize ``in_size -> out_size``
+    (half-pixel geometry, ``align_corners=False``, as torch computes them: float32, clamped at the borders)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.maximum(scale * (np.arange(start, stop, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+    return i0, i1, np.float32(1) - lam, lam
+
+
+def resize_rows(x: torch.Tensor, spatial_size: Sequence[int], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start..stop-1`` (first spatial axis) of the trilinear resize of a channel-first 3D ``x`` to
+    ``spatial_size``, without computing the others: bilinear on the input planes these rows need, then linear
+    across them. Agrees with :func:`resize_spatial` to a few float32 ulps (about 2e-6 for probabilities); lets
+    the cascade resize and fuse a box one slab at a time, so memory does not grow with the box."""
+    size = tuple(int(s) for s in spatial_size)
+    i0, i1, w0, w1 = _linear_axis(int(x.shape[1]), size[0], start, stop)
+    low, high = int(i0.min()), int(i1.max()) + 1
+    planes = x[:, low:high].float()
+    if tuple(planes.shape[2:]) != size[1:]:
+        planes = F.interpolate(planes, size=size[1:], mode="bilinear", align_corners=False)
+    shape = (1, -1, 1, 1)
+    w0_t = torch.from_numpy(w0).to(planes.device).view(shape)
+    w1_t = torch.from_numpy(w1).to(planes.device).view(shape)
+    out = planes[:, torch.from_numpy(i0 - low).to(planes.device)].mul_(w0_t)
+    return out.add_(planes[:, torch.from_numpy(i1 - low).to(planes.device)].mul_(w1_t))
+
+
 def soft_labels(label_map, labels: Sequence[int]) -> torch.Tensor:
     """One-hot float32 ``(1 + len(labels), *spatial)`` of a FLARE-id label map: channel ``i + 1`` is
     ``labels[i]``, channel 0 everything else (so a stage's local ids, as :func:`remap_labels` gives them)."""
