@@ -152,6 +152,8 @@ def segment(
     statistics=False,
     preview=False,
     seed: int = 0,
+    engine: str = "auto",
+    max_voxels="default",
 ):
     """Segment the 13 FLARE22 organs in CT: ``flare-c2f segment -i CT -o OUT [options]``.
 
@@ -160,9 +162,11 @@ def segment(
     (``.json`` in MONAI channel_def form, ``.itksnap.txt``, ``.ctbl`` for 3D Slicer), and with ``--per_organ`` one
     mask per organ, ``--dicom_seg`` a DICOM Segmentation (DICOM input), ``--statistics`` volumes and HU (JSON and
     CSV), ``--preview`` a PNG; a run report JSON per run. ``--organs liver,spleen``: only these (and only the
-    stages they need). ``--device cuda``, ``--threads N``, ``--amp true|false``. Weights: ``--bundles_dir DIR``
-    (trained stage bundles) or ``--stage_dirs "{'coarse': DIR, ...}"``; ``--require_weights false`` runs random
-    weights (seeded by ``--seed``) for timing. ``--stage_overrides`` takes config overrides per stage (JSON).
+    stages they need). ``--device cuda``, ``--threads N``, ``--amp true|false``, ``--engine torch|openvino|auto``
+    (auto: OpenVINO on a CPU for stages with weights), ``--max_voxels N`` (larger inputs refused from their
+    header). Weights: ``--bundles_dir DIR`` (trained stage bundles) or ``--stage_dirs "{'coarse': DIR, ...}"``;
+    ``--require_weights false`` runs random weights (seeded by ``--seed``) for timing. ``--stage_overrides`` takes
+    config overrides per stage (JSON).
     Existing outputs are kept unless ``--overwrite``.
     """
     from .errors import InputError
@@ -177,7 +181,7 @@ def segment(
         report = run_segment(
             str(input), str(output), organs=organs, device=device, threads=threads, amp=amp, bundles_dir=bundles_dir,
             stage_dirs=stage_dirs, stage_overrides=stage_overrides, require_weights=require_weights, seed=seed,
-            **flags,
+            engine=engine, max_voxels=max_voxels, **flags,
         )
     except InputError as error:
         raise SystemExit(f"error: {error}") from None

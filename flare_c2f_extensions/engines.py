@@ -32,14 +32,17 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 ENGINES = ("torch", "openvino", "auto")
 _CHUNK = 1 << 20
 
 
-class EngineError(RuntimeError):
-    """An engine that cannot run here (not installed, wrong device, unknown name)."""
+class EngineError(InputError):
+    """An engine that cannot run here (not installed, wrong device, unknown name): a usage error, reported in one
+    line like every :class:`InputError`."""
 
 
 def openvino_available() -> bool:

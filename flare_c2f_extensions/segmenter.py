@@ -198,13 +198,18 @@ def load_cascade(
     stage_overrides=None,
     require_weights: bool = True,
     seed: int = 0,
+    engine: str | None = "auto",
+    max_voxels="default",
 ):
     """The cascade with the stages ``organs`` need, and the stages that run with random weights (no checkpoint,
-    ``require_weights=False``: for timing). ``seed`` seeds their initialisation, so such runs repeat exactly."""
+    ``require_weights=False``: for timing). ``seed`` seeds their initialisation, so such runs repeat exactly.
+    ``engine`` and ``max_voxels`` as in :meth:`Cascade.from_bundles` (``"default"``: its limit)."""
     import torch
 
-    from .cascade import Cascade
+    from .cascade import MAX_CASE_VOXELS, Cascade
 
+    no_limit = max_voxels in (None, "none", "None")
+    limit = MAX_CASE_VOXELS if max_voxels == "default" else None if no_limit else int(max_voxels)
     dirs, overrides = stage_sources(bundles_dir, stage_dirs, stage_overrides)
     missing = missing_weights(dirs, overrides, organs)
     if missing and require_weights:
@@ -219,7 +224,7 @@ def load_cascade(
         torch.manual_seed(int(seed))
         cascade = Cascade.from_bundles(
             device=device, amp=amp, stage_overrides=overrides, stage_dirs=dirs, require_weights=require_weights,
-            organs=organs,
+            organs=organs, engine=engine, max_voxels=limit,
         )
     finally:
         cascade_logger.removeFilter(quiet)
@@ -246,6 +251,8 @@ class Segmenter:
         stage_overrides=None,
         require_weights: bool = True,
         seed: int = 0,
+        engine: str | None = "auto",
+        max_voxels="default",
     ):
         import torch
 
@@ -257,6 +264,7 @@ class Segmenter:
         self.cascade, self.random_weight_stages = load_cascade(
             self.organs, device, amp, bundles_dir, as_mapping(stage_dirs, "stage_dirs"),
             as_mapping(stage_overrides, "stage_overrides"), as_bool(require_weights, "require_weights"), seed,
+            engine, max_voxels,
         )
 
     def labels(self, path: str | os.PathLike):
@@ -314,8 +322,8 @@ def segment(image, organs=None, statistics: bool = False, **options):
     ``(image, statistics)`` with ``statistics=True`` (per organ: voxel count, volume in ml, mean and median HU,
     whether it touches the image border). ``organs``: a subset (``"liver,spleen"`` or a list); only the stages
     they need run. Other options: ``device``, ``amp``, ``threads``, ``bundles_dir``, ``stage_dirs``,
-    ``stage_overrides``, ``require_weights``, ``seed`` (see :class:`Segmenter`). Loading the networks takes a
-    while: for many images build one :class:`Segmenter` and call it.
+    ``stage_overrides``, ``require_weights``, ``seed``, ``engine``, ``max_voxels`` (see :class:`Segmenter`).
+    Loading the networks takes a while: for many images build one :class:`Segmenter` and call it.
     """
     return Segmenter(organs=organs, **options)(image, statistics=statistics)
 

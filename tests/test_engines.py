@@ -18,9 +18,9 @@ from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.metrics import organ_scores
 from flare_c2f_extensions.quickstart import QUICK_NETWORK, QUICK_STAGES, train_stages
 
-from conftest import BUNDLES
+from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID
 
-TINY_NET = {"network_def#channels": [4, 8, 8, 8, 8]}
+TINY_NET = {"network_def#channels": TINY_CHANNELS}
 TRAINED = ("coarse", "solid", "digestive", "vessels")  # the big-organ cascade: four stages, about a minute
 
 
@@ -59,12 +59,12 @@ def _coarse_checkpoint(path, seed):
 
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ResUNetASPP(out_channels=14, channels=[4, 8, 8, 8, 8]).state_dict(), path)
+    torch.save(ResUNetASPP(out_channels=14, channels=TINY_CHANNELS).state_dict(), path)
     return path
 
 
 def _coarse(root, engine="openvino", require_weights=True):
-    overrides = {"bundle_root": str(root), "spatial_size": [32, 32, 32], **TINY_NET}
+    overrides = {"bundle_root": str(root), "spatial_size": TINY_GRID, **TINY_NET}
     stage_dir = BUNDLES / "flare22_coarse"
     return load_stage("coarse", stage_dir, "cpu", overrides, engine=engine, amp=False, require_weights=require_weights)
 

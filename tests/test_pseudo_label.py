@@ -32,7 +32,8 @@ from flare_c2f_extensions.pseudo_label import (
     volume_reference,
 )
 
-from conftest import BUNDLES, REPO
+from helpers import BUNDLES, REPO
+from helpers import TINY_STAGES as HELPER_STAGES
 
 # thin and small organs next to the background's code, so their partial-volume boundaries cross no other organ
 CODE_ORDER = (5, 6, 10, 4, 12, 7, 8, 9, 11, 2, 13, 3, 1)
@@ -40,9 +41,8 @@ CODE_HU = {0: -100.0, **{label: -35.0 + 25.0 * i for i, label in enumerate(CODE_
 FAT_HU = -100.0
 SHAPE = (48, 48, 32)
 SPACING = (0.8, 0.8, 2.5)  # one grid for every case: organ volumes vary as anatomy does, not with the voxel size
-STAGES = ("coarse", "solid", "digestive", "vessels", "locator", "refiner")
-TINY_STAGES = {name: {"network_def": {"channels": [4, 8, 8, 8, 8]}, "spatial_size": [48, 48, 48]} for name in STAGES}
-TINY_32 = json.dumps({name: {**value, "spatial_size": [32, 32, 32]} for name, value in TINY_STAGES.items()})
+TINY_STAGES = {name: {**value, "spatial_size": [48, 48, 48]} for name, value in HELPER_STAGES.items()}
+TINY_32 = json.dumps(HELPER_STAGES)
 
 
 class IntensityDecoder(torch.nn.Module):

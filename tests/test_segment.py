@@ -377,3 +377,16 @@ def test_a_failed_case_gives_exit_status_3_after_the_others(phantom, tmp_path, c
     report = json.loads((out / "segment_report.json").read_text())
     assert {case["case"]: case["status"] for case in report["cases"]} == {"broken": "failed", "good": "done"}
     assert "broken_0000.nii.gz" in capsys.readouterr().err
+
+
+def test_voxel_limit_and_engine_reach_the_cascade(phantom, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", "-i", str(phantom), "-o", str(out), "--max_voxels", "1000", "--engine", "torch", *RANDOM])
+    assert exit_.value.code == 3
+    assert "more than the cascade's limit of 1000" in capsys.readouterr().err
+    report = json.loads((out / "segment_report.json").read_text())
+    assert report["cases"][0]["status"] == "failed" and not (out / "abdomen.nii.gz").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", "-i", str(phantom), "-o", str(out), "--engine", "tensorrt", *RANDOM])
+    assert str(exit_.value.code).startswith("error: ") and "tensorrt" in str(exit_.value.code)

@@ -13,7 +13,7 @@ from flare_c2f_extensions.cascade import STAGE_BUNDLES
 from flare_c2f_extensions.discovery import labelled_cases, split_cases, training_cases
 from flare_c2f_extensions.errors import InputError
 
-from conftest import bundle_workflow
+from helpers import bundle_workflow
 
 TINY_OVERRIDES = [
     "spatial_size=[32,32,32]", "network_def#channels=[4,8,8,8,8]", "num_workers=0", "batch_size=2",

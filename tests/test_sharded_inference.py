@@ -15,12 +15,8 @@ import pytest
 
 from flare_c2f_extensions.distributed import Ranks, merge_reports
 
-from conftest import BUNDLES, REPO
+from helpers import BUNDLES, REPO, TINY_STAGES
 
-TINY_STAGES = {
-    name: {"network_def": {"channels": [4, 8, 8, 8, 8]}, "spatial_size": [32, 32, 32]}
-    for name in ("coarse", "solid", "digestive", "vessels", "locator", "refiner")
-}
 CASCADE = BUNDLES / "flare22_cascade"
 
 
