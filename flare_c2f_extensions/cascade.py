@@ -138,6 +138,8 @@ def load_stage(
     automatic, engine = engine in (None, "auto"), resolve_engine(engine, device)
     if automatic and not checkpoint.is_file():  # random weights: converting each time costs more than it saves
         engine = "torch"
+    if automatic and checkpoint.suffix == ".ts":  # an exported TorchScript module runs as it is
+        engine = "torch"
     key = _openvino_key(engine, checkpoint, parser, spatial_size)
     if cached_openvino_ir(key) is not None:
         network = None  # converted before: neither the PyTorch network nor its weights are needed

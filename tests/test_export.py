@@ -163,11 +163,13 @@ def test_cascade_from_torchscript_stages_gives_the_same_labels(amp, bundles, coh
         for checkpoint in sorted((bundles / bundle / "models").glob("*.pt")):
             if not checkpoint.with_suffix(".ts").is_file():  # most exported by test_exports_match_pytorch
                 export_checkpoint(bundles / bundle, checkpoint, ["ts"], overrides=TINY, check=False)
-    pytorch = Cascade.from_bundles(bundles, device="cpu", amp=amp, stage_overrides=_stage_overrides(False))
-    scripted = Cascade.from_bundles(bundles, device="cpu", amp=amp, stage_overrides=_stage_overrides(True))
+    pytorch = Cascade.from_bundles(bundles, device="cpu", amp=amp, stage_overrides=_stage_overrides(False),
+                                   engine="torch")
+    scripted = Cascade.from_bundles(bundles, device="cpu", amp=amp, stage_overrides=_stage_overrides(True))  # auto
     stages = [scripted.coarse, *scripted.groups, scripted.locator, *scripted.refiners]
     assert all(isinstance(s.network, torch.jit.ScriptModule) for s in stages)
     assert not any(isinstance(s.network, torch.jit.ScriptModule) for s in [pytorch.coarse, *pytorch.groups])
+    assert all(s.engine is None for s in stages)  # auto leaves an exported TorchScript module to torch
     ran = 0
     for image in sorted((cohort / "imagesTs").glob("*.nii.gz")):
         expected, got = pytorch.segment(image), scripted.segment(image)

@@ -22,6 +22,7 @@ import flare_c2f_extensions
 from flare_c2f_extensions.__main__ import main
 from flare_c2f_extensions.images import image_geometry
 from flare_c2f_extensions.labels import ORGAN_IDS, ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, label_names
+from flare_c2f_extensions.segmenter import Segmenter
 
 from helpers import REPO, TINY_STAGES, write_phantom
 
@@ -179,8 +180,8 @@ def test_weights_folder_is_found(phantom, tmp_path):
         network = load_stage(stage, REPO / "bundles" / bundle, "cpu", TINY_STAGES[stage], require_weights=False).network
         (weights / bundle / "models").mkdir(parents=True)
         torch.save(network.state_dict(), weights / bundle / "models" / "model.pt")
-    segmenter = flare_c2f_extensions.segmenter.Segmenter(
-        organs="liver", bundles_dir=weights, stage_overrides=TINY_STAGES, threads=1
+    segmenter = Segmenter(
+        organs="liver", bundles_dir=weights, stage_overrides=TINY_STAGES, threads=1, engine="torch"
     )
     assert segmenter.random_weight_stages == []
     expected = torch.load(weights / "flare22_coarse" / "models" / "model.pt", weights_only=True)
