@@ -1,16 +1,16 @@
 """The whole coarse-to-fine cascade in one process: load once, every network resident, fuse inside boxes.
 
-Per case (DESIGN.md, "The pipeline"):
+Per case:
 
 1. the CT is read once, reoriented to RAS, clipped to [-100, 300] HU and scaled to [0, 1] on the device;
 2. the coarse network sees the whole volume at 128^3; its argmax stays on that grid;
 3. each big-organ group crops the box of its organs in the coarse mask (plus margin) from the full-resolution
    volume, resizes it to 160^3 and predicts its organs;
 4. the locator crops the abdomen (all coarse foreground plus margin) at 128^3 and finds the small organs;
-   each refiner crops a box around its organ as located (with an organ-specific minimum size) at 128^3;
-5. every stage's class probabilities are resized back (linear) to its box in the original grid, one channel at a
-   time, and fused: where an organ is claimed by several stages, the higher probability wins. Only the uint8
-   label map and a float confidence map exist at full resolution;
+   each refiner crops a box around its organ as located (with an organ-specific minimum size) at 64^3;
+5. every stage's class probabilities are resized back (linear) to its box in the original grid, one channel and
+   one slab at a time, and fused: where an organ is claimed by several stages, the higher probability wins. Only
+   the uint8 label map and a float confidence map exist at full resolution;
 6. the largest connected component of each organ is kept, the label map is reoriented back to the input's
    array layout and written as ``<case>.nii.gz`` with exactly the input's affine.
 
