@@ -320,24 +320,7 @@ def verify_release(
     ``<name>.zip``, as ``monai.bundle download`` stores it).
     """
     zip_path = Path(zip)
-    if not zip_path.is_file():
-        raise ReleaseError(f"{zip_path}: file does not exist")
-    if sha256 is None:
-        sidecar = zip_path.with_name(zip_path.name + ".sha256")
-        if not sidecar.is_file():
-            raise ReleaseError(
-                f"{zip_path}: no expected sha256: pass --sha256 (the published hash) or put {sidecar.name} beside it"
-            )
-        sha256 = read_sidecar(sidecar)
-    sha256 = str(sha256).strip().lower()
-    if not _HEX64.match(sha256):
-        raise ReleaseError(f"expected sha256 {sha256!r} is not 64 hexadecimal digits")
-    actual = sha256_of(zip_path)
-    if actual != sha256:
-        raise ReleaseError(
-            f"{zip_path}: refused: sha256 mismatch (expected {sha256}, got {actual}); the download is corrupted or "
-            "was tampered with: delete it and download again from the release"
-        )
+    actual = _check_hash(zip_path, sha256)
     match = _RELEASE_NAME.match(zip_path.name)
     version = match.group("version") if match else None
     if name is None:
@@ -352,20 +335,7 @@ def verify_release(
         infos = archive.infolist()
         if not infos:
             raise ReleaseError(f"{zip_path}: refused: the zip is empty")
-        seen = set()
-        folded: dict[str, str] = {}
-        for info in infos:
-            _check_entry(info.filename, info, name, zip_path)
-            key = info.filename.rstrip("/")
-            if key in seen:
-                raise ReleaseError(f"{zip_path}: refused: entry {info.filename!r} appears twice")
-            seen.add(key)
-            other = folded.setdefault(unicodedata.normalize("NFC", key).casefold(), key)
-            if other != key:
-                raise ReleaseError(
-                    f"{zip_path}: refused: entries {other!r} and {key!r} differ only in case (they would overwrite "
-                    "each other on a case-insensitive file system)"
-                )
+        seen = _check_entries(infos, name, zip_path)
         _check_inflated_size(infos, zip_path)
         try:
             bad = archive.testzip()
@@ -389,6 +359,48 @@ def verify_release(
             large = _check_large_files(archive.read(f"{name}/{LARGE_FILES}").decode(), zip_path, name)
     return {"zip": str(zip_path), "name": name, "version": meta.get("version"), "sha256": actual,
             "entries": len(infos), "large_files": [e["path"] for e in large]}
+
+
+def _check_hash(zip_path: Path, sha256: str | None) -> str:
+    """The zip's sha256, if it equals ``sha256`` (or the ``.sha256`` sidecar's); else :class:`ReleaseError`."""
+    if not zip_path.is_file():
+        raise ReleaseError(f"{zip_path}: file does not exist")
+    if sha256 is None:
+        sidecar = zip_path.with_name(zip_path.name + ".sha256")
+        if not sidecar.is_file():
+            raise ReleaseError(
+                f"{zip_path}: no expected sha256: pass --sha256 (the published hash) or put {sidecar.name} beside it"
+            )
+        sha256 = read_sidecar(sidecar)
+    sha256 = str(sha256).strip().lower()
+    if not _HEX64.match(sha256):
+        raise ReleaseError(f"expected sha256 {sha256!r} is not 64 hexadecimal digits")
+    actual = sha256_of(zip_path)
+    if actual != sha256:
+        raise ReleaseError(
+            f"{zip_path}: refused: sha256 mismatch (expected {sha256}, got {actual}); the download is corrupted or "
+            "was tampered with: delete it and download again from the release"
+        )
+    return actual
+
+
+def _check_entries(infos, name: str, zip_path: Path) -> set[str]:
+    """Every entry inside ``<name>/``, none twice, no two that differ only in case; returns the entry names."""
+    seen: set[str] = set()
+    folded: dict[str, str] = {}
+    for info in infos:
+        _check_entry(info.filename, info, name, zip_path)
+        key = info.filename.rstrip("/")
+        if key in seen:
+            raise ReleaseError(f"{zip_path}: refused: entry {info.filename!r} appears twice")
+        seen.add(key)
+        other = folded.setdefault(unicodedata.normalize("NFC", key).casefold(), key)
+        if other != key:
+            raise ReleaseError(
+                f"{zip_path}: refused: entries {other!r} and {key!r} differ only in case (they would overwrite "
+                "each other on a case-insensitive file system)"
+            )
+    return seen
 
 
 # -- download ----------------------------------------------------------------------------------------------------
