@@ -13,7 +13,6 @@ Missing weights end with one line that says what to do, before anything is loade
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
@@ -25,9 +24,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .arguments import as_bool, as_mapping, parse_device, parse_organs, parse_threads
 from .errors import InputError
 from .label_maps import label_map_image
-from .labels import GROUPS, ORGAN_IDS, ORGANS
+from .labels import GROUPS, ORGANS
 from .paths import STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
 
@@ -44,53 +44,6 @@ RANDOM_WEIGHTS_HINT = "--require_weights false"
 # -- options ------------------------------------------------------------------------------------------------------
 
 
-def parse_organs(organs) -> tuple[int, ...]:
-    """FLARE ids of ``organs``: ``None`` (all), ``"liver,spleen"``, ``["liver", 3]``; unknown names are an
-    :class:`InputError` listing the valid ones."""
-    if organs is None or organs == "" or organs == "all":
-        return tuple(ORGANS)
-    items = organs.split(",") if isinstance(organs, str) else list(organs) if isinstance(organs, Sequence) else [organs]
-    ids = []
-    for item in items:
-        name = str(item).strip()
-        if name.isdigit() and int(name) in ORGANS:
-            ids.append(int(name))
-        elif name in ORGAN_IDS:
-            ids.append(ORGAN_IDS[name])
-        else:
-            raise InputError(f"--organs: unknown organ {name!r}; valid names: {', '.join(ORGAN_IDS)}")
-    return tuple(sorted(set(ids)))
-
-
-def as_bool(value, name: str) -> bool:
-    """``True``/``False`` from a bool or the strings a command line gives (``true``, ``no``, ``1``, ...)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise InputError(f"--{name}: expected true or false, got {value!r}")
-
-
-def as_mapping(value, name: str) -> dict:
-    """A dict from a dict, a JSON or Python-literal string, or a path to a JSON file (``None``: empty)."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    text = str(value)
-    if Path(text).is_file():
-        text = Path(text).read_text()
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            parsed = parse(text)
-        except (ValueError, SyntaxError):
-            continue
-        if isinstance(parsed, Mapping):
-            return dict(parsed)
-    raise InputError(f"--{name}: not a mapping (JSON object, Python dict or JSON file): {value!r}")
 
 
 # -- stages -------------------------------------------------------------------------------------------------------
@@ -158,28 +111,6 @@ def weights_error(missing: Sequence[str]) -> InputError:
     )
 
 
-def parse_device(device):
-    """``torch.device`` of ``--device`` (``None``: CUDA if available, else CPU); :class:`InputError` for a device
-    that does not exist here."""
-    import torch
-
-    if device is None or device == "auto":
-        return None
-    try:
-        parsed = torch.device(str(device))
-    except RuntimeError as error:
-        raise InputError(f"--device {device}: {error}") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-    return parsed
-
-
-def parse_threads(threads) -> int | None:
-    if threads is None:
-        return None
-    if not str(threads).isdigit() or int(threads) < 1:
-        raise InputError(f"--threads: expected a positive whole number, got {threads!r}")
-    return int(threads)
 
 
 class _QuietRandomInit(logging.Filter):
