@@ -17,6 +17,17 @@ __all__ = [
     "box_slices", "expand_box", "fov_affine", "get_crop_box", "label_names", "map_box",
 ]
 
+# ---------------------------------------------------------------------------------------------------------------
+# Boxes: plain helpers (no MetaTensor machinery), used by the crop transforms and by the cascade's manual fusion.
+#
+# A box is ``(start, stop)``: two tuples of voxel indices on one grid, ``stop`` exclusive, so that
+# ``volume[box_slices(box)]`` is the crop. Voxel ``i`` covers the continuous voxel coordinates ``[i - 0.5, i + 0.5]``
+# (NIfTI/MONAI convention: the affine maps voxel centres), and every resize here uses half-pixel geometry
+# (``align_corners=False``, "nearest" done as torch's ``nearest-exact``), which is what MONAI's ``Resize`` records in
+# the affine. That makes crop -> resize -> resize back -> paste consistent with the affines.
+# ---------------------------------------------------------------------------------------------------------------
+
+
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 SKIPPED_META_KEY = "crop_skipped"

@@ -48,9 +48,7 @@ from .labels import GROUPS, ORGANS, organ_id
 from .paths import BUNDLES_DIR, STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
 from .stages import Stage, default_amp, load_stage
-from .transforms import (
-    affine_of as _affine_of,
-)
+from .transforms import affine_of as _affine_of
 from .transforms import (
     box_affine,
     box_size,

@@ -11,11 +11,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
-from monai.transforms import (
-    InvertibleTransform,
-    MapTransform,
-    Transform,
-)
+from monai.transforms import InvertibleTransform, MapTransform, Transform
 from monai.utils import TraceKeys, TransformBackends, convert_to_tensor
 
 from .boxes import SKIPPED_META_KEY, _plain, _profile_box, box_slices

@@ -44,8 +44,6 @@ RANDOM_WEIGHTS_HINT = "--require_weights false"
 # -- options ------------------------------------------------------------------------------------------------------
 
 
-
-
 # -- stages -------------------------------------------------------------------------------------------------------
 
 
@@ -109,8 +107,6 @@ def weights_error(missing: Sequence[str]) -> InputError:
         f"configs/train.json), download a release (`flare-c2f download_release`) and point --bundles_dir (or "
         f"--stage_dirs) at it, or add {RANDOM_WEIGHTS_HINT} to time the cascade with random weights"
     )
-
-
 
 
 class _QuietRandomInit(logging.Filter):

@@ -13,9 +13,7 @@ import torch
 from .configs import read_stage_config
 from .engines import TorchEngine, cached_openvino_ir, openvino_cache_key, openvino_engine, resolve_engine
 from .errors import InputError
-from .transforms import (
-    CropFromMask,
-)
+from .transforms import CropFromMask
 from .weights import load_weights
 
 __all__ = [

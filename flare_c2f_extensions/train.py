@@ -271,8 +271,6 @@ def _init_process_group() -> None:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-
-
 def _stage_workflow(stage: StagePlan, root: Path, settings: Mapping, distributed: bool):
     from monai.bundle import ConfigWorkflow
 

@@ -13,12 +13,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.data.utils import affine_to_spacing
-from monai.transforms import (
-    InvertibleTransform,
-    MapTransform,
-    RandomizableTransform,
-    ScaleIntensityRanged,
-)
+from monai.transforms import InvertibleTransform, MapTransform, RandomizableTransform, ScaleIntensityRanged
 from monai.transforms.inverse import TraceableTransform
 from monai.utils import TraceKeys, TransformBackends, convert_to_numpy, convert_to_tensor, ensure_tuple_rep
 from monai.utils.misc import fall_back_tuple
@@ -72,22 +67,6 @@ class ClipIntensityd(ScaleIntensityRanged):
 
     def __init__(self, keys: KeysCollection, minv: float = 0.0, maxv: float = 1.0, allow_missing_keys: bool = False):
         super().__init__(keys, minv, maxv, minv, maxv, clip=True, allow_missing_keys=allow_missing_keys)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Boxes: plain helpers (no MetaTensor machinery), used by the transforms below and by the cascade's manual fusion.
-#
-# A box is ``(start, stop)``: two tuples of voxel indices on one grid, ``stop`` exclusive, so that
-# ``volume[box_slices(box)]`` is the crop. Voxel ``i`` covers the continuous voxel coordinates ``[i - 0.5, i + 0.5]``
-# (NIfTI/MONAI convention: the affine maps voxel centres), and every resize here uses half-pixel geometry
-# (``align_corners=False``, "nearest" done as torch's ``nearest-exact``), which is what MONAI's ``Resize`` records in
-# the affine. That makes crop -> resize -> resize back -> paste consistent with the affines.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
