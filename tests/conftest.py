@@ -34,3 +34,25 @@ def schema() -> str:
         pytest.skip(f"set {SCHEMA_ENV} to a copy of MONAI's meta_schema_20240725.json to check bundle metadata")
     assert Path(path).is_file(), f"{SCHEMA_ENV}={path} is not a file"
     return path
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    """The tiny random-weight cascade of the hostile-input tests."""
+    from helpers import tiny_cascade
+
+    return tiny_cascade()
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A good synthetic CT (int16 HU, LPS storage): its path, voxels and affine."""
+    import numpy as np
+
+    from flare_c2f_extensions.phantom import make_case
+
+    from helpers import save
+
+    case = make_case(5, shape=(40, 36, 24), orientation="LPS")
+    path = save(case.image, case.affine, tmp_path_factory.mktemp("good") / "good_0000.nii.gz", np.int16)
+    return path, case.image, case.affine

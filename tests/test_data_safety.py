@@ -106,16 +106,7 @@ def test_good_checkpoint_loads_with_weights_only(tmp_path):
 # -- shared: a tiny cascade and a good case ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cascade():
-    return tiny_cascade()
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    case = make_case(5, shape=(40, 36, 24), orientation="LPS")
-    path = save(case.image, case.affine, tmp_path_factory.mktemp("good") / "good_0000.nii.gz", np.int16)
-    return path, case.image, case.affine
+# the fixtures `cascade` (tiny, random weights) and `good` (an int16 LPS case) are in conftest.py
 
 
 def _never(path):

@@ -29,18 +29,7 @@ from flare_c2f_extensions.phantom import make_case
 
 from helpers import TINY_STAGES, assert_same_geometry, no_hang, run_cascade_cli, save, tiny_cascade, write_dicom_series  # noqa: F401
 
-
-@pytest.fixture(scope="module")
-def cascade():
-    return tiny_cascade()
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    """A good synthetic CT (int16 HU, LPS storage) and its label map from the tiny cascade, for comparisons."""
-    case = make_case(5, shape=(40, 36, 24), orientation="LPS")
-    path = save(case.image, case.affine, tmp_path_factory.mktemp("good") / "good_0000.nii.gz", np.int16)
-    return path, case.image, case.affine
+# the fixtures `cascade` (tiny, random weights) and `good` (an int16 LPS case) are in conftest.py
 
 
 def run_batch(cascade, good, tmp_path: Path, write_hostile, dataset=None) -> tuple[dict, Path, Path]:
