@@ -60,13 +60,16 @@ def main() -> None:
             gt = np.asarray(truth.dataobj)
             dsc = {e: float(np.mean([s[0] for s in organ_scores(m, gt, spacing).values()])) for e, m in maps.items()}
             agree = float(np.mean(maps["torch"] == maps["openvino"]))
-            rows.append((image.name, agree, dsc["torch"], dsc["openvino"]))
-            print(f"{image.name:<32} agree {agree:.5f}  mean DSC torch {dsc['torch']:.4f} openvino "
+            rows.append((folder, agree, dsc["torch"], dsc["openvino"]))
+            print(f"{image.name:<32} agree {agree:.6f}  mean DSC torch {dsc['torch']:.4f} openvino "
                   f"{dsc['openvino']:.4f} (diff {dsc['openvino'] - dsc['torch']:+.4f})  seconds torch "
                   f"{seconds['torch']:.2f} openvino {seconds['openvino']:.2f}", flush=True)
-    agree = min(r[1] for r in rows)
-    diff = max(abs(r[3] - r[2]) for r in rows)
-    print(f"{len(rows)} cases: lowest agreement {agree:.5f}, largest mean-DSC difference {diff:.4f}")
+    for folder in map(Path, args.data):  # FLARE22's mean DSC: over the folder's cases and the 13 organs
+        own = [r for r in rows if r[0] == folder]
+        torch_dsc, openvino_dsc = np.mean([r[2] for r in own]), np.mean([r[3] for r in own])
+        print(f"{folder}: {len(own)} cases, lowest agreement {min(r[1] for r in own):.6f}, mean DSC torch "
+              f"{torch_dsc:.4f} openvino {openvino_dsc:.4f} (diff {openvino_dsc - torch_dsc:+.4f}), largest "
+              f"per-case difference {max(abs(r[3] - r[2]) for r in own):.4f}")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,26 @@ def test_logs_to_file_restores_the_terminal(tmp_path, capsys):
     assert "inside" not in captured.out.replace("outside", "") and "inside" not in captured.err.replace("outside", "")
     assert "outside print" in captured.out and "outside log" in captured.err and "inner outside" in captured.out
     assert "outside" not in log
+
+
+def test_cpu_training_network_keeps_the_model_and_its_outputs():
+    import torch
+
+    from flare_c2f_extensions.cascade import default_amp
+    from flare_c2f_extensions.networks import ResUNetASPP
+    from flare_c2f_extensions.quickstart import cpu_training_network
+
+    torch.manual_seed(0)
+    plain = ResUNetASPP(spatial_dims=3, in_channels=1, out_channels=3, channels=TINY_CHANNELS)
+    wrapped = cpu_training_network(ResUNetASPP(spatial_dims=3, in_channels=1, out_channels=3, channels=TINY_CHANNELS))
+    wrapped.load_state_dict(plain.state_dict())
+    assert wrapped.state_dict().keys() == plain.state_dict().keys()
+    conv_weights = [p for p in wrapped.parameters() if p.dim() == 5]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in conv_weights)
+    x = torch.rand(2, 1, *TINY_GRID)
+    expected, got = plain(x), wrapped(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    tolerance = 0.1 if default_amp(torch.device("cpu")) else 1e-4  # bf16 rounding where the CPU runs bf16
+    assert (got - expected).abs().max() < tolerance * expected.abs().max()
+    got.sum().backward()
+    assert all(p.grad is not None for p in wrapped.parameters() if p.requires_grad)
