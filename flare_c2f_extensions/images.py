@@ -141,7 +141,7 @@ def _stored_voxels(nifti, raw: bytes | None) -> np.ndarray:
 
 def read_voxels(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The image's voxels in HU (float32, or int16 when stored so unscaled; 3D, the file's own layout) and its
-    affine."""
+    affine. An unscaled int16 volume from a gzipped file is a read-only view of the inflated bytes."""
     if path.is_dir():
         series = DicomSeries.read(path, pixels=True)
         return series.data, series.affine
