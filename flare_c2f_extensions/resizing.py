@@ -67,14 +67,13 @@ def resize_rows(x: torch.Tensor, spatial_size: Sequence[int], start: int, stop: 
     planes = x[:, low:high].float()
     if tuple(planes.shape[2:]) != size[1:]:
         planes = F.interpolate(planes, size=size[1:], mode="bilinear", align_corners=False)
-    # a*w0 + b*w1, rounded as two products and one sum; planes picked by stacking (indexing with a tensor is
-    # several times slower here)
-    out = torch.stack([planes[:, i] for i in (i0 - low).tolist()], 1).mul_(_column(w0, planes.device))
-    return out.add_(torch.stack([planes[:, i] for i in (i1 - low).tolist()], 1).mul_(_column(w1, planes.device)))
-
-
-def _column(weights: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(weights).to(device).view(1, -1, 1, 1)
+    # row by row, a*w0 + b*w1 rounded as two products and one sum, straight from the planes: no gathered copies
+    out = torch.empty((planes.shape[0], stop - start, *size[1:]), dtype=torch.float32, device=planes.device)
+    term = torch.empty((planes.shape[0], *size[1:]), dtype=torch.float32, device=planes.device)
+    for row, (a, b, wa, wb) in enumerate(zip((i0 - low).tolist(), (i1 - low).tolist(), w0.tolist(), w1.tolist())):
+        torch.mul(planes[:, a], wa, out=out[:, row])
+        out[:, row].add_(torch.mul(planes[:, b], wb, out=term))
+    return out
 
 
 def soft_labels(label_map, labels: Sequence[int]) -> torch.Tensor:
