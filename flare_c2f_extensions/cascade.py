@@ -314,8 +314,9 @@ def _argmax_channel(probs: torch.Tensor, labels: Sequence[int] | None = None) ->
 def _one_thread(device: torch.device):
     """Run a stretch of many element-wise CPU operations on one thread. With more, every operation waits until all
     its threads are scheduled, which on a busy machine costs more than the operation: beside other work (load
-    average 4 to 8 on 2 cores), fusing the benchmark case's boxes took 1.0 to 1.6 s on one thread against 2.4 to
-    7.9 s on two, and the coarse grid's 13-channel winner search 0.04 to 0.07 s against up to 0.9 s."""
+    average 4 to 8 on 2 cores), the solid group's stage of the benchmark case took 1.0 to 1.6 s with its fusion on
+    one thread against 2.4 to 7.9 s on two, and the coarse grid's 13-channel winner search 0.04 to 0.07 s against
+    up to 0.9 s. (No idle machine was at hand to measure what one thread costs there.)"""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
