@@ -64,3 +64,36 @@ def test_resize_rows_is_the_trilinear_resize_row_by_row():
     rows = torch.cat([resize_rows(x, size, start, min(start + 4, size[0])) for start in range(0, size[0], 4)], dim=1)
     assert rows.shape == whole.shape
     assert torch.allclose(rows, whole, atol=1e-5, rtol=0)
+
+
+def test_argmax_channel_is_torch_argmax_ties_included():
+    from flare_c2f_extensions.cascade import _argmax_channel
+
+    threads = torch.get_num_threads()
+    for channels in (2, 5, 14):
+        probs = torch.softmax(torch.randn(channels, 9, 7, 5, generator=torch.Generator().manual_seed(channels)), 0)
+        probs[:, 0, 0, 0] = 1.0 / channels  # all channels tie: background
+        probs[:, 1, 0, 0] = 0.0
+        probs[channels // 2, 1, 0, 0] = probs[channels - 1, 1, 0, 0] = 0.5  # two organs tie: the first
+        winners = _argmax_channel(probs)
+        assert winners.dtype == torch.uint8 and winners.shape == (1, 9, 7, 5)
+        assert torch.equal(winners[0].long(), probs.argmax(0))
+    lut = (7, 9)
+    probs = torch.softmax(torch.randn(3, 6, 6, 6, generator=torch.Generator().manual_seed(0)), 0)
+    expected = torch.tensor((0, *lut), dtype=torch.uint8)[probs.argmax(0)]
+    assert torch.equal(_argmax_channel(probs, lut)[0], expected)
+    assert torch.get_num_threads() == threads  # the one-thread section gives the threads back
+
+
+def test_one_thread_gives_the_threads_back_even_after_an_error():
+    from flare_c2f_extensions.cascade import _one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError), _one_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
