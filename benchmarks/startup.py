@@ -130,6 +130,26 @@ def run_phases(args, imports: float) -> dict:
     return totals
 
 
+def first_calls(args) -> None:
+    """Each stage's network run twice on the same input in a fresh process: the first call's one-off set-up."""
+    import torch
+
+    from flare_c2f_extensions.segmenter import Segmenter
+
+    cascade = Segmenter(bundles_dir=args.weights, engine=args.engine).cascade
+    stages = [cascade.coarse, *cascade.groups, cascade.locator, *cascade.refiners]
+    print(f"engine {cascade.engine}: network pass, first / second call (s)")
+    for stage in stages:
+        x = torch.rand((1, *stage.spatial_size), generator=torch.Generator().manual_seed(0))
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            with torch.inference_mode():
+                stage.predict(x, cascade.amp)
+            seconds.append(time.perf_counter() - started)
+        print(f"  {stage.name:10s} {stage.spatial_size}  {seconds[0]:6.2f}  {seconds[1]:6.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="auto")
@@ -138,6 +158,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/flare_c2f_startup_out")
     parser.add_argument("--warm", type=int, default=1, help="warm cases timed after the first")
     parser.add_argument("--phases_only", action="store_true", help="skip the fresh-process run of the command")
+    parser.add_argument("--first_calls", action="store_true", help="only time each stage's first and second pass")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
@@ -146,6 +167,10 @@ def main() -> None:
 
     imports = time.perf_counter() - STARTED
     write_checkpoints(Path(args.weights))
+    if args.first_calls:
+        first_calls(args)
+        sys.stdout.flush()
+        os._exit(0)
     cli = None if args.phases_only else run_cli(args)
     report(run_phases(args, imports), imports, cli)
     sys.stdout.flush()

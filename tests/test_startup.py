@@ -1,0 +1,109 @@
+"""Start-up: networks built on the meta device hold exactly the checkpoint's weights, and give the outputs of a
+network built and loaded the usual way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from flare_c2f_extensions.configs import read_stage_config
+from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.networks import ResUNetASPP
+from flare_c2f_extensions.stages import build_with_weights, load_stage
+from flare_c2f_extensions.weights import load_weights
+
+from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID
+
+OVERRIDES = {"spatial_size": TINY_GRID, "network_def#channels": TINY_CHANNELS}
+
+
+def _checkpoint(path, seed=1, dtype=torch.float32, wrap=True):
+    torch.manual_seed(seed)
+    state = {k: v.to(dtype) for k, v in ResUNetASPP(out_channels=5, channels=TINY_CHANNELS).state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state} if wrap else state, path)
+    return path
+
+
+def _reference(checkpoint):
+    """The network built the usual way (random initialisation) and then loaded."""
+    torch.manual_seed(123)
+    network = ResUNetASPP(out_channels=5, channels=TINY_CHANNELS)
+    return load_weights(network, checkpoint, "solid").eval()
+
+
+def _solid(root, **options):
+    return load_stage("solid", BUNDLES / "flare22_fine_solid", "cpu", {"bundle_root": str(root), **OVERRIDES},
+                      engine="torch", **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_network_built_without_initialisation_holds_the_checkpoint_exactly(tmp_path, dtype):
+    checkpoint = _checkpoint(tmp_path / "models" / "model.pt", dtype=dtype)
+    parser = read_stage_config(BUNDLES / "flare22_fine_solid", {"bundle_root": str(tmp_path), **OVERRIDES})
+    network = build_with_weights(parser, checkpoint, "solid")
+    saved = torch.load(checkpoint, weights_only=True)["model"]
+    reference = _reference(checkpoint)
+    own = network.state_dict()
+    assert own.keys() == saved.keys() == reference.state_dict().keys()
+    for key, value in own.items():
+        assert not value.is_meta and value.dtype == torch.float32 and value.is_contiguous()
+        assert torch.equal(value, saved[key].float()), key
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in network.parameters())
+    x = torch.rand(1, 1, *TINY_GRID, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(network.eval()(x), reference(x))
+
+
+def test_a_stage_loads_its_weights_through_the_meta_build(tmp_path):
+    checkpoint = _checkpoint(tmp_path / "models" / "model.pt", seed=3, wrap=False)
+    stage = _solid(tmp_path)
+    x = torch.rand(1, *TINY_GRID, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = torch.softmax(_reference(checkpoint)(x[None]), dim=1)
+    assert torch.equal(stage.predict(x, amp=False), expected)
+    assert not stage.network.training
+
+
+def test_a_checkpoint_that_does_not_fit_is_still_one_clear_error(tmp_path):
+    checkpoint = tmp_path / "models" / "model.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save(ResUNetASPP(out_channels=5, channels=[4, 8, 8, 8, 16]).state_dict(), checkpoint)
+    with pytest.raises(InputError, match="does not fit the stage's network"):
+        _solid(tmp_path)
+
+
+class WithBuffer(torch.nn.Module):
+    """A module with a tensor no checkpoint holds (a non-persistent buffer, set by its constructor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.register_buffer("offset", torch.arange(2.0) + 0.5, persistent=False)
+
+    def forward(self, x):
+        return self.linear(x) + self.offset
+
+
+class ComputesOnInit(torch.nn.Module):
+    """A constructor that reads a value out of its own tensor: it cannot run on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.scale = float(torch.ones(1).sum().item())
+
+
+@pytest.mark.parametrize("module", [WithBuffer, ComputesOnInit])
+def test_a_network_the_meta_build_cannot_make_is_built_the_usual_way(tmp_path, module):
+    torch.manual_seed(5)
+    saved = module().state_dict()
+    torch.save(saved, tmp_path / "model.pt")
+    parser = ConfigParser({"network_def": {"_target_": f"{__name__}.{module.__name__}"}})
+    network = build_with_weights(parser, tmp_path / "model.pt", "test")
+    assert not any(t.is_meta for t in [*network.parameters(), *network.buffers()])
+    for key, value in saved.items():
+        assert torch.equal(network.state_dict()[key], value)
+    if module is WithBuffer:
+        assert torch.equal(network.offset, torch.tensor([0.5, 1.5]))
