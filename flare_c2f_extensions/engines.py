@@ -9,7 +9,8 @@ precision; on CUDA only torch runs.
 OpenVINO stages are converted from the PyTorch network (trained weights loaded) at first use. Conversion takes
 seconds to minutes for the paper-size network, so the converted model (OpenVINO IR) is cached in
 ``<cache>/openvino/<key>/`` where ``key`` is the sha256 of the checkpoint's bytes together with the network
-config, the grid and the OpenVINO version: a changed checkpoint gets a new key and is never served stale. A
+config, the grid and the OpenVINO version: a changed checkpoint gets a new key and is never served stale (the
+checkpoint's sha256 is remembered by the file's identity, ctime included: :func:`checkpoint_sha256`). A
 network without a checkpoint (random weights, for timing) is converted each time and never cached. The cache is
 ``$FLARE_C2F_CACHE`` or ``~/.cache/flare_c2f`` (the sample CT's); OpenVINO's own compiled-blob cache lives in
 the same folder.
@@ -85,12 +86,53 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+# A remembered checkpoint hash is trusted only for a file last changed this long before it was hashed ("racy git"):
+# the kernel stamps changes with a coarse clock, so a file rewritten within one tick of being hashed could keep
+# its stamps; a change made after the hash always gets a later ctime.
+HASH_MEMO_MARGIN_S = 2.0
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """:func:`file_sha256` of a checkpoint, remembered in the cache by the file's identity (device, inode, size,
+    mtime and ctime in ns), so that a process start does not read every checkpoint again. Any change to the file
+    (a rewrite, a copy over it, even with its old mtime restored) gives it a new ctime, and it is hashed again."""
+    path = Path(path).resolve()
+    memo = cache_root() / "openvino" / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    stat = path.stat()
+    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    try:
+        remembered = json.loads(memo.read_text())
+        if remembered["path"] == str(path) and remembered["identity"] == identity:
+            return remembered["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    started_ns = time.time_ns()
+    digest = file_sha256(path)
+    if started_ns - max(stat.st_mtime_ns, stat.st_ctime_ns) >= HASH_MEMO_MARGIN_S * 1e9:
+        _write_memo(memo, {"path": str(path), "identity": identity, "sha256": digest})
+    return digest
+
+
+def _write_memo(memo: Path, content: dict) -> None:
+    tmp = None
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{memo.name}.", dir=memo.parent)
+        with os.fdopen(handle, "w") as file:
+            json.dump(content, file)
+        os.replace(tmp, memo)
+    except OSError as error:  # a read-only cache: hash every time
+        logger.debug("could not remember a checkpoint hash in %s (%s)", memo, error)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 def openvino_cache_key(checkpoint: str | os.PathLike, network_config, spatial_size: Sequence[int]) -> str:
     """The IR cache key: the checkpoint's sha256, the network config, the grid and the OpenVINO version."""
     import openvino
 
     parts = {
-        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint_sha256": checkpoint_sha256(checkpoint),
         "network": network_config,
         "spatial_size": [int(s) for s in spatial_size],
         "openvino": openvino.__version__,
@@ -213,6 +255,7 @@ __all__ = [
     "TorchEngine",
     "cache_root",
     "cached_openvino_ir",
+    "checkpoint_sha256",
     "file_sha256",
     "openvino_available",
     "openvino_cache_key",

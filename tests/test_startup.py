@@ -1,12 +1,17 @@
-"""Start-up: networks built on the meta device hold exactly the checkpoint's weights, and give the outputs of a
-network built and loaded the usual way."""
+"""Start-up: networks built on the meta device hold exactly the checkpoint's weights and give the outputs of a
+network built and loaded the usual way; a checkpoint's hash is remembered between processes and never stale."""
 
 from __future__ import annotations
+
+import hashlib
+import os
+import time
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from flare_c2f_extensions import engines
 from flare_c2f_extensions.configs import read_stage_config
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.networks import ResUNetASPP
@@ -107,3 +112,64 @@ def test_a_network_the_meta_build_cannot_make_is_built_the_usual_way(tmp_path, m
         assert torch.equal(network.state_dict()[key], value)
     if module is WithBuffer:
         assert torch.equal(network.offset, torch.tensor([0.5, 1.5]))
+
+
+# -- the checkpoint hash, remembered between processes -------------------------------------------------------------
+
+
+@pytest.fixture
+def hashing(tmp_path, monkeypatch):
+    """A private cache and a count of the checkpoint reads that hashing does."""
+    monkeypatch.setenv("FLARE_C2F_CACHE", str(tmp_path / "cache"))
+    reads = []
+    original = engines.file_sha256
+
+    def counted(path):
+        reads.append(path)
+        return original(path)
+
+    monkeypatch.setattr(engines, "file_sha256", counted)
+    return reads
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    time.sleep(0.05)  # the next hash starts after the file's last change, by more than a clock tick
+
+
+def test_a_remembered_hash_spares_reading_the_checkpoint_again(tmp_path, hashing, monkeypatch):
+    monkeypatch.setattr(engines, "HASH_MEMO_MARGIN_S", 0.0)
+    checkpoint = tmp_path / "model.pt"
+    _write(checkpoint, b"weights" * 1000)
+    expected = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert engines.checkpoint_sha256(checkpoint) == expected
+    assert engines.checkpoint_sha256(checkpoint) == expected
+    assert len(hashing) == 1
+
+
+def test_a_checkpoint_changed_in_place_is_hashed_again_even_with_its_old_mtime(tmp_path, hashing, monkeypatch):
+    monkeypatch.setattr(engines, "HASH_MEMO_MARGIN_S", 0.0)
+    checkpoint = tmp_path / "model.pt"
+    _write(checkpoint, b"a" * 4096)
+    before = checkpoint.stat()
+    first = engines.checkpoint_sha256(checkpoint)
+    with open(checkpoint, "r+b") as handle:  # same size, same inode
+        handle.seek(100)
+        handle.write(b"b")
+    os.utime(checkpoint, ns=(before.st_atime_ns, before.st_mtime_ns))  # as a copy that keeps times would
+    assert checkpoint.stat().st_mtime_ns == before.st_mtime_ns and checkpoint.stat().st_size == before.st_size
+    changed = engines.checkpoint_sha256(checkpoint)
+    assert changed != first and changed == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    replaced = tmp_path / "other.pt"
+    _write(replaced, b"c" * 4096)
+    os.replace(replaced, checkpoint)  # another file moved over it
+    assert engines.checkpoint_sha256(checkpoint) == hashlib.sha256(b"c" * 4096).hexdigest()
+    assert len(hashing) == 3
+
+
+def test_a_hash_taken_right_after_a_change_is_not_remembered(tmp_path, hashing):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"fresh" * 100)  # changed now: within the margin, the file's stamps cannot be trusted
+    assert engines.checkpoint_sha256(checkpoint) == engines.checkpoint_sha256(checkpoint)
+    assert len(hashing) == 2
+    assert not (tmp_path / "cache" / "openvino" / "sha256").exists()
