@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -157,17 +158,26 @@ class TorchEngine:
 
 
 class OpenVINOEngine:
-    """Logits of a compiled OpenVINO model (CPU), as a float32 torch tensor."""
+    """Logits of a compiled OpenVINO model (CPU), as a float32 torch tensor. ``compiled``: the compiled model, or a
+    :class:`~concurrent.futures.Future` of it (compiled in the background), awaited at the first call."""
 
     name = "openvino"
 
     def __init__(self, compiled):
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
+        self._compiled = compiled
+        self._request = None
+
+    @property
+    def compiled(self):
+        if isinstance(self._compiled, Future):
+            self._compiled = self._compiled.result()
+        return self._compiled
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._request is None:
+            self._request = self.compiled.create_infer_request()
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        result = self.request.infer({0: array}, share_inputs=True)
+        result = self._request.infer({0: array}, share_inputs=True)
         return torch.from_numpy(next(iter(result.values())).copy())
 
 
@@ -226,6 +236,34 @@ def _save_ir(model, key: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_BACKGROUND: list[ThreadPoolExecutor] = []
+
+
+def _compile_in_background(name: str, xml: Path, amp: bool) -> Future:
+    """Compile a cached IR on one background thread, in the order asked (the cascade's order): the process goes on
+    reading the first CT meanwhile, and each stage waits for its model at its first call only."""
+    if not _BACKGROUND:
+        _BACKGROUND.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile"))
+
+    config = _compile_config(amp, blob_cache=True)  # read torch's thread count here, on the caller's thread
+
+    def compile_cached():
+        import openvino
+
+        started = time.perf_counter()
+        try:
+            compiled = openvino.Core().compile_model(str(xml), "CPU", config)
+        except RuntimeError as error:
+            raise EngineError(
+                f"{xml}: the cached OpenVINO model of the {name} stage cannot be compiled ({error}); delete "
+                f"{xml.parent} and it is converted again from the checkpoint"
+            ) from error
+        logger.info("%s: OpenVINO model from the cache %s (%.1f s)", name, xml.parent, time.perf_counter() - started)
+        return compiled
+
+    return _BACKGROUND[0].submit(compile_cached)
+
+
 def openvino_engine(
     name: str, amp: bool, key: str | None = None, network_factory: Callable[[], torch.nn.Module] | None = None,
     spatial_size: Sequence[int] = (),
@@ -235,9 +273,7 @@ def openvino_engine(
     started = time.perf_counter()
     xml = cached_openvino_ir(key)
     if xml is not None:
-        compiled = _compile(str(xml), amp, blob_cache=True)
-        logger.info("%s: OpenVINO model from the cache %s (%.1f s)", name, xml.parent, time.perf_counter() - started)
-        return OpenVINOEngine(compiled)
+        return OpenVINOEngine(_compile_in_background(name, xml, amp))
     if network_factory is None:
         raise EngineError(f"{name}: no cached OpenVINO model and no network to convert")
     model = _convert(network_factory(), spatial_size)

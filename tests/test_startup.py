@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -173,3 +174,41 @@ def test_a_hash_taken_right_after_a_change_is_not_remembered(tmp_path, hashing):
     assert engines.checkpoint_sha256(checkpoint) == engines.checkpoint_sha256(checkpoint)
     assert len(hashing) == 2
     assert not (tmp_path / "cache" / "openvino" / "sha256").exists()
+
+
+# -- OpenVINO models compiled in the background ---------------------------------------------------------------------
+
+
+def _coarse_stage(root, engine="openvino"):
+    overrides = {"bundle_root": str(root), **OVERRIDES}
+    return load_stage("coarse", BUNDLES / "flare22_coarse", "cpu", overrides, engine=engine, amp=False)
+
+
+def _coarse_checkpoint(root):
+    torch.manual_seed(7)
+    checkpoint = root / "models" / "model.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ResUNetASPP(out_channels=14, channels=TINY_CHANNELS).state_dict(), checkpoint)
+
+
+def test_a_cached_model_compiled_in_the_background_gives_the_converted_models_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLARE_C2F_CACHE", str(tmp_path / "cache"))
+    _coarse_checkpoint(tmp_path)
+    converted = _coarse_stage(tmp_path)  # converted now and cached
+    cached = _coarse_stage(tmp_path)  # from the cache: compiled on the background thread
+    assert cached.network is None and isinstance(cached.engine._compiled, Future)
+    x = torch.rand(1, *TINY_GRID, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(cached.predict(x, amp=False), converted.predict(x, amp=False))
+    reference = _coarse_stage(tmp_path, engine="torch").predict(x, amp=False)
+    assert torch.allclose(cached.predict(x, amp=False), reference, atol=1e-4)
+
+
+def test_a_cached_model_that_cannot_be_compiled_says_which_file_to_delete(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLARE_C2F_CACHE", str(tmp_path / "cache"))
+    _coarse_checkpoint(tmp_path)
+    _coarse_stage(tmp_path)
+    (xml,) = (tmp_path / "cache" / "openvino").glob("*/model.xml")
+    xml.write_text("<net><layers>truncated")
+    stage = _coarse_stage(tmp_path)
+    with pytest.raises(engines.EngineError, match=f"{xml}: the cached OpenVINO model of the coarse stage"):
+        stage.predict(torch.zeros(1, *TINY_GRID), amp=False)
