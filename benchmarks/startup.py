@@ -215,7 +215,7 @@ def report(totals: dict, imports: tuple[float, float], pairs: list) -> None:
                        ("hashing", "checkpoint hashing"), ("engine", "engine set-up (OpenVINO)"),
                        ("first case", "first case")]:
         print(f"  {label:33s} {totals.get(key, 0.0):7.2f} ({totals.get(key + ' cpu', 0.0):7.2f})")
-    print(f"  of which compile_model calls      {totals.get('compile', 0.0):7.2f}   (wall; cached models compile on a "
+    print(f"  OpenVINO compile_model calls      {totals.get('compile', 0.0):7.2f}   (wall; cached models compile on a "
           f"background thread during the first case)")
     print(f"    first case stages {totals['first stages']}")
     print(f"  in-process whole                  {totals['in-process whole']:7.2f}   (to the first case written)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import Future
 
@@ -19,7 +21,7 @@ from flare_c2f_extensions.networks import ResUNetASPP
 from flare_c2f_extensions.stages import build_with_weights, load_stage
 from flare_c2f_extensions.weights import load_weights
 
-from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID
+from helpers import BUNDLES, REPO, TINY_CHANNELS, TINY_GRID
 
 OVERRIDES = {"spatial_size": TINY_GRID, "network_def#channels": TINY_CHANNELS}
 
@@ -212,3 +214,19 @@ def test_a_cached_model_that_cannot_be_compiled_says_which_file_to_delete(tmp_pa
     stage = _coarse_stage(tmp_path)
     with pytest.raises(engines.EngineError, match=f"{xml}: the cached OpenVINO model of the coarse stage"):
         stage.predict(torch.zeros(1, *TINY_GRID), amp=False)
+
+
+# -- the package's imports --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_importing_the_package_leaves_garbage_collection_as_it_was(before):
+    code = (
+        "import gc\n"
+        f"{'' if before else 'gc.disable()'}\n"
+        "import flare_c2f_extensions.__main__\n"
+        "print(gc.isenabled())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == str(before)
