@@ -230,3 +230,19 @@ def test_importing_the_package_leaves_garbage_collection_as_it_was(before):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip() == str(before)
+
+
+def test_the_command_line_freezes_the_imports_objects():
+    code = (
+        "import gc\n"
+        "from flare_c2f_extensions.__main__ import main\n"
+        "try:\n"
+        "    main(['segment'])\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code)\n"
+        "print(gc.get_freeze_count() > 10000, gc.isenabled())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.splitlines()[-1] == "True True"
+    assert result.stdout.splitlines()[-2].startswith("error: segment needs an input and an output")
