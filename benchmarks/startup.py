@@ -1,10 +1,20 @@
-"""Start-up against per-case time: one case in a fresh process, split into imports, network building, weight loading,
-engine compilation and the case itself, then the same case again in the warm process.
+"""Start-up against per-case time for ``flare-c2f segment``: one case in a fresh process against the same case in a
+warm process, with the fresh process split into imports, configs, network building, weight loading, engine
+compilation and the first case.
 
-Paper-size stages get random weights saved once as checkpoints (``--weights``), so that weight loading and the
-OpenVINO cache (keyed by the checkpoint's sha256) work as with trained weights. The first run of an OpenVINO
-cascade converts every stage and fills the cache (``--cache``); later runs read it. Prints one line per phase and
-the ratio of the whole process (interpreter start to the label map written) to the warm per-case time.
+Two measurements in one sitting:
+
+* ``phases``: the command run in this process through ``__main__.main``, with timers around each phase;
+* ``pairs``: ``python -m flare_c2f_extensions segment -i CASE -o OUT --bundles_dir WEIGHTS --engine E`` in a fresh
+  subprocess, timed from its start to its exit (the user's wait: interpreter start to the label map written), then
+  the same case in this process, now warm, through the command's own per-case code; ``--pairs`` times, in turn,
+  so that each ratio compares runs taken moments apart on a shared machine. Wall and CPU seconds of both.
+
+The ratio asked by issue 12 point 4 is the fresh process / the warm case (median over the pairs). Paper-size
+stages get random weights, saved once as checkpoints in ``--weights`` (``<bundle>/models/``, a ``--bundles_dir``
+for the command), so that weight loading and the OpenVINO cache (keyed by the checkpoint's sha256) work as with
+trained weights. The first run of an OpenVINO cascade converts every stage and fills the cache; later runs read it.
+``--first_calls`` times each stage's network pass twice in a fresh process (the first call's one-off set-up).
 
     python benchmarks/startup.py --engine openvino        # run it twice: the second run is the usual one
     python benchmarks/startup.py --engine torch
@@ -17,47 +27,148 @@ import time
 STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def checkpoint_overrides(folder: Path) -> dict:
-    """Random paper-size checkpoints for every stage under ``folder`` (written once) and the overrides using them."""
+
+def write_checkpoints(folder: Path) -> None:
+    """Random paper-size checkpoints for every stage under ``folder/<bundle>/models/`` (written once)."""
     import torch
 
     from flare_c2f_extensions.configs import read_stage_config
     from flare_c2f_extensions.labels import GROUPS, ORGANS
     from flare_c2f_extensions.paths import BUNDLES_DIR, STAGE_BUNDLES
 
-    overrides = {}
+    count = 0
     for name, bundle in STAGE_BUNDLES.items():
-        root = folder / bundle
         organs = [ORGANS[o] for o in GROUPS["small"]] if name == "refiner" else [None]
         for organ in organs:
             extra = {"organ": organ} if organ else {}
-            parser = read_stage_config(BUNDLES_DIR / bundle, {"bundle_root": str(root), **extra})
+            parser = read_stage_config(BUNDLES_DIR / bundle, {"bundle_root": str(folder / bundle), **extra})
             checkpoint = Path(parser.get_parsed_content("ckpt_path"))
             if not checkpoint.is_file():
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                torch.manual_seed(len(overrides))
+                torch.manual_seed(count)
                 torch.save(parser.get_parsed_content("network_def").state_dict(), checkpoint)
-        overrides[name] = {"bundle_root": str(root)}
-    return overrides
+            count += 1
+
+
+def command(args, output: str) -> list[str]:
+    return [
+        "segment", "-i", args.case, "-o", output, "--bundles_dir", args.weights, "--engine", args.engine,
+        "--overwrite", "true",
+    ]
+
+
+def run_cli(args) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, all threads) of ``flare-c2f segment`` on the case in a fresh process,
+    from its start to its exit."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cpu = _children_cpu()
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "flare_c2f_extensions", *command(args, args.out + "/cli.nii.gz")],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started, _children_cpu() - cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def timed(module, name: str, totals: dict, key: str):
-    """Wrap ``module.name`` so that its calls add their wall time to ``totals[key]``."""
+    """Wrap ``module.name`` so that its calls add their wall and CPU time to ``totals[key]`` and
+    ``totals[key + " cpu"]`` (outermost calls only)."""
     original = getattr(module, name)
+    depth = [0]
 
     def wrapper(*args, **kwargs):
-        started = time.perf_counter()
+        depth[0] += 1
+        cpu, started = time.process_time(), time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
-            totals[key] = totals.get(key, 0.0) + time.perf_counter() - started
+            depth[0] -= 1
+            if depth[0] == 0:
+                totals[key] = totals.get(key, 0.0) + time.perf_counter() - started
+                totals[key + " cpu"] = totals.get(key + " cpu", 0.0) + time.process_time() - cpu
 
     setattr(module, name, wrapper)
+    return original
+
+
+def run_phases(args, imports: tuple[float, float]):
+    """The command in this process with each phase timed; returns the figures and a function that runs the case
+    again in this (now warm) process."""
+    from flare_c2f_extensions import configs, segmenter, stages
+    from flare_c2f_extensions.__main__ import main as cli_main
+
+    totals: dict = {}
+    timed(configs, "read_stage_config", totals, "configs")  # as segmenter's checks import it
+    timed(stages, "read_stage_config", totals, "configs")
+    timed(stages, "load_weights", totals, "weights")
+    timed(stages, "openvino_cache_key", totals, "hashing")
+    timed(stages, "openvino_engine", totals, "engine")
+    if args.engine != "torch":
+        import openvino
+
+        timed(openvino.Core, "compile_model", totals, "compile")  # on a background thread for cached models
+    segmenter_class = timed(segmenter, "Segmenter", totals, "loading")
+    run_cases = timed(segmenter, "_run_cases", totals, "first case")
+    built = {}
+    original_init = segmenter_class.__init__
+
+    def keep(self, *a, **k):
+        original_init(self, *a, **k)
+        built["segmenter"] = self
+
+    segmenter_class.__init__ = keep
+    started = time.perf_counter()
+    cli_main(command(args, args.out + "/phases.nii.gz"))
+    totals["in-process whole"] = time.perf_counter() - started + imports[0]
+    segmenter_class.__init__ = original_init
+    totals["engine used"] = built["segmenter"].cascade.engine
+    first_report = json.loads((Path(args.out) / "phases_report.json").read_text())
+    totals["first stages"] = first_report["cases"][0].get("stage_seconds")
+    return totals, lambda: warm_case(built["segmenter"], run_cases, args)
+
+
+def warm_case(loaded, run_cases, args) -> tuple[float, float, dict]:
+    """Wall and CPU seconds of the case in this warm process, through the command's per-case code, and its stages."""
+    from flare_c2f_extensions import segmenter
+
+    collect = segmenter._CollectWarnings(echo=False)
+    cpu, started = time.process_time(), time.perf_counter()
+    cases = run_cases(loaded, [(args.case, Path(args.out) / "warm.nii.gz")], True, False, collect, {})
+    return time.perf_counter() - started, time.process_time() - cpu, cases[0].get("stage_seconds")
+
+
+def first_calls(args) -> None:
+    """Each stage's network run twice on the same input in a fresh process: the first call's one-off set-up."""
+    import torch
+
+    from flare_c2f_extensions.segmenter import Segmenter
+
+    cpu, started = time.process_time(), time.perf_counter()
+    cascade = Segmenter(bundles_dir=args.weights, engine=args.engine).cascade
+    print(f"engine {cascade.engine}: loading {time.perf_counter() - started:.2f} s wall, "
+          f"{time.process_time() - cpu:.2f} s CPU; network pass, first / second call, wall (CPU) s")
+    for stage in [cascade.coarse, *cascade.groups, cascade.locator, *cascade.refiners]:
+        x = torch.rand((1, *stage.spatial_size), generator=torch.Generator().manual_seed(0))
+        seconds = []
+        for _ in range(2):
+            cpu, started = time.process_time(), time.perf_counter()
+            with torch.inference_mode():
+                stage.predict(x, cascade.amp)
+            seconds.append(f"{time.perf_counter() - started:6.2f} ({time.process_time() - cpu:6.2f})")
+        print(f"  {stage.name:10s} {stage.spatial_size}  {seconds[0]}  {seconds[1]}", flush=True)
 
 
 def main() -> None:
@@ -66,48 +177,59 @@ def main() -> None:
     parser.add_argument("--case", default="/tmp/speed_bench/bench_0000.nii.gz", help="a CT (cascade_speed.py --case)")
     parser.add_argument("--weights", default="/tmp/flare_c2f_startup_weights")
     parser.add_argument("--out", default="/tmp/flare_c2f_startup_out")
-    parser.add_argument("--warm", type=int, default=1, help="warm cases timed after the first")
+    parser.add_argument("--pairs", type=int, default=2, help="fresh-process runs, each followed by a warm case")
+    parser.add_argument("--phases_only", action="store_true", help="no fresh-process runs: warm cases only")
+    parser.add_argument("--first_calls", action="store_true", help="only time each stage's first and second pass")
     args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
 
-    import torch  # noqa: F401  (timed with the package's imports)
+    import flare_c2f_extensions.__main__  # noqa: F401  (what the command imports first)
+    from flare_c2f_extensions import segmenter  # noqa: F401
 
-    import flare_c2f_extensions.cascade as cascade_module
-
-    imports = time.perf_counter() - STARTED
-    overrides = checkpoint_overrides(Path(args.weights))
-    prepared = time.perf_counter()
-
-    totals: dict = {}
-    timed(cascade_module.torch, "load", totals, "weights")
-    timed(cascade_module, "openvino_engine", totals, "engine")
-    timed(cascade_module, "openvino_cache_key", totals, "hashing")
-    started = time.perf_counter()
-    cascade = cascade_module.Cascade.from_bundles(device="cpu", engine=args.engine, stage_overrides=overrides)
-    building = time.perf_counter() - started
-    started = time.perf_counter()
-    cascade_module.segment_to_file(cascade, args.case, args.out)
-    first = time.perf_counter() - started
-    whole = time.perf_counter() - STARTED - (prepared - STARTED - imports)  # the checkpoints' writing left out
-    warm = []
-    for _ in range(args.warm):
-        started = time.perf_counter()
-        cascade_module.segment_to_file(cascade, args.case, args.out)
-        warm.append(time.perf_counter() - started)
-
-    network = building - sum(totals.values())
-    print(f"engine {cascade.engine}, threads {torch.get_num_threads()}, case {args.case}")
-    print(f"  imports                 {imports:7.2f} s")
-    print(f"  network building        {network:7.2f} s   (configs parsed, networks made)")
-    print(f"  weight loading          {totals.get('weights', 0.0):7.2f} s")
-    print(f"  checkpoint hashing      {totals.get('hashing', 0.0):7.2f} s")
-    print(f"  engine compilation      {totals.get('engine', 0.0):7.2f} s   (OpenVINO: converted or cached, compiled)")
-    print(f"  first case              {first:7.2f} s")
-    print(f"  whole process           {whole:7.2f} s   (interpreter start to the label map written)")
-    best = min(warm) if warm else float("nan")
-    print(f"  warm case (best of {len(warm)})   {best:7.2f} s")
-    print(f"  whole process / warm case: {whole / best:.2f}")
+    imports = time.perf_counter() - STARTED, time.process_time()
+    print(f"imports {imports[0]:.2f} s wall, {imports[1]:.2f} s CPU")
+    write_checkpoints(Path(args.weights))
+    if args.first_calls:
+        first_calls(args)
+    else:
+        totals, warm = run_phases(args, imports)
+        pairs = []
+        for _ in range(args.pairs):  # fresh process and warm case in turn: the ratio pair by pair
+            cli = (float("nan"), float("nan")) if args.phases_only else run_cli(args)
+            pairs.append((*cli, *warm()))
+        report(totals, imports, pairs)
     sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown: not part of the user's wait
+    os._exit(0)  # skip interpreter teardown: not part of the figures
+
+
+def report(totals: dict, imports: tuple[float, float], pairs: list) -> None:
+    import torch
+
+    for kind in ("", " cpu"):
+        others = sum(totals.get(k + kind, 0.0) for k in ("configs", "weights", "hashing", "engine"))
+        totals["building" + kind] = totals.get("loading" + kind, 0.0) - others
+    totals["imports"], totals["imports cpu"] = imports
+    print(f"engine {totals['engine used']}, threads {torch.get_num_threads()}; wall s (CPU s, all threads)")
+    for key, label in [("imports", "imports (package, torch, monai)"), ("configs", "configs parsed"),
+                       ("building", "network building (and the rest)"), ("weights", "weight loading"),
+                       ("hashing", "checkpoint hashing"), ("engine", "engine set-up (OpenVINO)"),
+                       ("first case", "first case")]:
+        print(f"  {label:33s} {totals.get(key, 0.0):7.2f} ({totals.get(key + ' cpu', 0.0):7.2f})")
+    print(f"  OpenVINO compile_model calls      {totals.get('compile', 0.0):7.2f}   (wall; cached models compile on a "
+          f"background thread during the first case)")
+    print(f"    first case stages {totals['first stages']}")
+    print(f"  in-process whole                  {totals['in-process whole']:7.2f}   (to the first case written)")
+    print("  pairs: fresh process (segment command, start to exit) | warm case in this process; wall and CPU s")
+    for cli_wall, cli_cpu, warm_wall, warm_cpu, stages in pairs:
+        print(f"    fresh {cli_wall:7.2f} wall {cli_cpu:7.2f} cpu | warm {warm_wall:7.2f} wall {warm_cpu:7.2f} cpu"
+              f" | ratio {cli_wall / warm_wall:.2f} wall {cli_cpu / warm_cpu:.2f} cpu")
+        print(f"      warm stages {stages}")
+    if pairs:
+        wall = statistics.median(p[0] / p[2] for p in pairs)
+        cpu = statistics.median(p[1] / p[3] for p in pairs)
+        print(f"  fresh process / warm case (median of {len(pairs)} pairs): {wall:.2f} wall, {cpu:.2f} CPU")
+        print(f"  in-process whole / median warm case: "
+              f"{totals['in-process whole'] / statistics.median(p[2] for p in pairs):.2f} wall")
 
 
 if __name__ == "__main__":

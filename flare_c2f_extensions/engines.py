@@ -9,7 +9,8 @@ precision; on CUDA only torch runs.
 OpenVINO stages are converted from the PyTorch network (trained weights loaded) at first use. Conversion takes
 seconds to minutes for the paper-size network, so the converted model (OpenVINO IR) is cached in
 ``<cache>/openvino/<key>/`` where ``key`` is the sha256 of the checkpoint's bytes together with the network
-config, the grid and the OpenVINO version: a changed checkpoint gets a new key and is never served stale. A
+config, the grid and the OpenVINO version: a changed checkpoint gets a new key and is never served stale (the
+checkpoint's sha256 is remembered by the file's identity, ctime included: :func:`checkpoint_sha256`). A
 network without a checkpoint (random weights, for timing) is converted each time and never cached. The cache is
 ``$FLARE_C2F_CACHE`` or ``~/.cache/flare_c2f`` (the sample CT's); OpenVINO's own compiled-blob cache lives in
 the same folder.
@@ -28,6 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -85,12 +87,53 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+# A remembered checkpoint hash is trusted only for a file last changed this long before it was hashed ("racy git"):
+# the kernel stamps changes with a coarse clock, so a file rewritten within one tick of being hashed could keep
+# its stamps; a change made after the hash always gets a later ctime.
+HASH_MEMO_MARGIN_S = 2.0
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """:func:`file_sha256` of a checkpoint, remembered in the cache by the file's identity (device, inode, size,
+    mtime and ctime in ns), so that a process start does not read every checkpoint again. Any change to the file
+    (a rewrite, a copy over it, even with its old mtime restored) gives it a new ctime, and it is hashed again."""
+    path = Path(path).resolve()
+    memo = cache_root() / "openvino" / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    stat = path.stat()
+    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    try:
+        remembered = json.loads(memo.read_text())
+        if remembered["path"] == str(path) and remembered["identity"] == identity:
+            return remembered["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    started_ns = time.time_ns()
+    digest = file_sha256(path)
+    if started_ns - max(stat.st_mtime_ns, stat.st_ctime_ns) >= HASH_MEMO_MARGIN_S * 1e9:
+        _write_memo(memo, {"path": str(path), "identity": identity, "sha256": digest})
+    return digest
+
+
+def _write_memo(memo: Path, content: dict) -> None:
+    tmp = None
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{memo.name}.", dir=memo.parent)
+        with os.fdopen(handle, "w") as file:
+            json.dump(content, file)
+        os.replace(tmp, memo)
+    except OSError as error:  # a read-only cache: hash every time
+        logger.debug("could not remember a checkpoint hash in %s (%s)", memo, error)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 def openvino_cache_key(checkpoint: str | os.PathLike, network_config, spatial_size: Sequence[int]) -> str:
     """The IR cache key: the checkpoint's sha256, the network config, the grid and the OpenVINO version."""
     import openvino
 
     parts = {
-        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint_sha256": checkpoint_sha256(checkpoint),
         "network": network_config,
         "spatial_size": [int(s) for s in spatial_size],
         "openvino": openvino.__version__,
@@ -115,17 +158,26 @@ class TorchEngine:
 
 
 class OpenVINOEngine:
-    """Logits of a compiled OpenVINO model (CPU), as a float32 torch tensor."""
+    """Logits of a compiled OpenVINO model (CPU), as a float32 torch tensor. ``compiled``: the compiled model, or a
+    :class:`~concurrent.futures.Future` of it (compiled in the background), awaited at the first call."""
 
     name = "openvino"
 
     def __init__(self, compiled):
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
+        self._compiled = compiled
+        self._request = None
+
+    @property
+    def compiled(self):
+        if isinstance(self._compiled, Future):
+            self._compiled = self._compiled.result()
+        return self._compiled
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._request is None:
+            self._request = self.compiled.create_infer_request()
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        result = self.request.infer({0: array}, share_inputs=True)
+        result = self._request.infer({0: array}, share_inputs=True)
         return torch.from_numpy(next(iter(result.values())).copy())
 
 
@@ -184,6 +236,34 @@ def _save_ir(model, key: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_BACKGROUND: list[ThreadPoolExecutor] = []
+
+
+def _compile_in_background(name: str, xml: Path, amp: bool) -> Future:
+    """Compile a cached IR on one background thread, in the order asked (the cascade's order): the process goes on
+    reading the first CT meanwhile, and each stage waits for its model at its first call only."""
+    if not _BACKGROUND:
+        _BACKGROUND.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile"))
+
+    config = _compile_config(amp, blob_cache=True)  # read torch's thread count here, on the caller's thread
+
+    def compile_cached():
+        import openvino
+
+        started = time.perf_counter()
+        try:
+            compiled = openvino.Core().compile_model(str(xml), "CPU", config)
+        except RuntimeError as error:
+            raise EngineError(
+                f"{xml}: the cached OpenVINO model of the {name} stage cannot be compiled ({error}); delete "
+                f"{xml.parent} and it is converted again from the checkpoint"
+            ) from error
+        logger.info("%s: OpenVINO model from the cache %s (%.1f s)", name, xml.parent, time.perf_counter() - started)
+        return compiled
+
+    return _BACKGROUND[0].submit(compile_cached)
+
+
 def openvino_engine(
     name: str, amp: bool, key: str | None = None, network_factory: Callable[[], torch.nn.Module] | None = None,
     spatial_size: Sequence[int] = (),
@@ -193,9 +273,7 @@ def openvino_engine(
     started = time.perf_counter()
     xml = cached_openvino_ir(key)
     if xml is not None:
-        compiled = _compile(str(xml), amp, blob_cache=True)
-        logger.info("%s: OpenVINO model from the cache %s (%.1f s)", name, xml.parent, time.perf_counter() - started)
-        return OpenVINOEngine(compiled)
+        return OpenVINOEngine(_compile_in_background(name, xml, amp))
     if network_factory is None:
         raise EngineError(f"{name}: no cached OpenVINO model and no network to convert")
     model = _convert(network_factory(), spatial_size)
@@ -213,6 +291,7 @@ __all__ = [
     "TorchEngine",
     "cache_root",
     "cached_openvino_ir",
+    "checkpoint_sha256",
     "file_sha256",
     "openvino_available",
     "openvino_cache_key",

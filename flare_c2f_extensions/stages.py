@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from .transforms import CropFromMask
 from .weights import load_weights
 
 __all__ = [
-    "Stage", "default_amp", "load_stage",
+    "Stage", "build_with_weights", "default_amp", "load_stage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,11 +100,11 @@ def load_stage(
         except RuntimeError as error:
             message = f"{checkpoint}: not a loadable TorchScript module for the {name} stage ({error})"
             raise InputError(message) from error
+    elif checkpoint.is_file():
+        network = build_with_weights(parser, checkpoint, name)
     else:
         network = parser.get_parsed_content("network_def")
-        if checkpoint.is_file():
-            load_weights(network, checkpoint, name)
-        elif require_weights:
+        if require_weights:
             what = "TorchScript module" if checkpoint.suffix == ".ts" else "weights"
             raise InputError(f"{checkpoint}: no {what} for the {name} stage (train it with its configs/train.json)")
         else:
@@ -125,6 +126,27 @@ def load_stage(
     margin = parser.get_parsed_content("margin_mm")
     cropper = CropFromMask(box_labels, spatial_size, margin, min_size, mask_grid="affine")
     return Stage(name, network, spatial_size, labels, cropper, engine=stage_engine)
+
+
+def build_with_weights(parser, checkpoint: Path, name: str) -> torch.nn.Module:
+    """``network_def`` holding the weights of ``checkpoint``, built without paying for a random initialisation.
+
+    The network is made on the meta device (shapes only: no memory, no He-normal draws) and then takes the
+    checkpoint's tensors (``load_state_dict(assign=True)``, each in the network's own dtype), so it equals a
+    network built normally and loaded. A network with a tensor the checkpoint does not hold (a non-persistent
+    buffer), or whose constructor cannot run on the meta device, is built the usual way.
+    """
+    try:
+        with torch.device("meta"):
+            network = parser.get_parsed_content("network_def", lazy=False)
+    except (RuntimeError, NotImplementedError):  # a constructor that computes with its tensors: built the usual way
+        network = None
+    if network is not None:
+        load_weights(network, checkpoint, name, assign=True)
+    if network is None or any(t.is_meta for t in itertools.chain(network.parameters(), network.buffers())):
+        network = parser.get_parsed_content("network_def", lazy=False)
+        load_weights(network, checkpoint, name)
+    return network
 
 
 def _openvino_key(engine: str, checkpoint: Path, parser, spatial_size) -> str | None:

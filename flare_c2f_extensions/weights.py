@@ -23,8 +23,12 @@ __all__ = ["load_weights"]
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 
 
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, stage: str) -> torch.nn.Module:
+def load_weights(
+    network: torch.nn.Module, checkpoint: str | os.PathLike, stage: str, assign: bool = False
+) -> torch.nn.Module:
     """Load ``checkpoint`` into ``network`` (the ``stage``'s; any name that tells the user which one) and return it.
+    ``assign``: the network takes the checkpoint's tensors (cast to its own dtypes) instead of copying them, for a
+    network built on the meta device.
 
     Raises :class:`InputError` naming the stage and the file when the checkpoint is missing, empty, truncated, a
     Git-LFS pointer, not a PyTorch state dict, or trained for another network (missing, unexpected or
@@ -45,7 +49,10 @@ def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, stage:
         raise refuse("a Git LFS pointer, not the weights: fetch them with `git lfs pull` or download the release")
     state = _read_state(path, refuse)
     _check_fits(network, state, refuse)
-    network.load_state_dict(state)
+    if assign:
+        own = network.state_dict()
+        state = {key: value.to(own[key].dtype).contiguous() for key, value in state.items()}
+    network.load_state_dict(state, assign=assign)
     return network
 
 
