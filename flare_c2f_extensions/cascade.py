@@ -28,7 +28,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,8 +252,7 @@ class Cascade:
             stage.cropper.warn_skipped()
             return False
         probs = stage.predict(crop_resize(image, box, stage.spatial_size, "trilinear"), self.amp)[0]
-        with _one_thread(self.device):
-            _fuse(probs, box, stage.labels, labels, confidence)
+        _fuse(probs, box, stage.labels, labels, confidence)
         return True
 
     def _locate(self, image, coarse) -> MetaTensor | None:
@@ -306,26 +304,7 @@ def _argmax_channel(probs: torch.Tensor, labels: Sequence[int] | None = None) ->
     """uint8 ``(1, *spatial)``: ``labels`` of each voxel's first most probable channel of ``probs`` (k+1 channels,
     background 0 first; default the channel index), equal to ``argmax(0)`` where no probability is NaN."""
     labels = range(1, probs.shape[0]) if labels is None else labels
-    with _one_thread(probs.device):
-        return _winners(probs, labels)[1][None]
-
-
-@contextmanager
-def _one_thread(device: torch.device):
-    """Run a stretch of many element-wise CPU operations on one thread. With more, every operation waits until all
-    its threads are scheduled, which on a busy machine costs more than the operation: beside other work (load
-    average 4 to 8 on 2 cores), the solid group's stage of the benchmark case took 1.0 to 1.6 s with its fusion on
-    one thread against 2.4 to 7.9 s on two, and the coarse grid's 13-channel winner search 0.04 to 0.07 s against
-    up to 0.9 s. (No idle machine was at hand to measure what one thread costs there.)"""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return _winners(probs, labels)[1][None]
 
 
 def _fov_affine_of(image: MetaTensor, grid: Sequence[int]) -> np.ndarray:

@@ -69,7 +69,6 @@ def test_resize_rows_is_the_trilinear_resize_row_by_row():
 def test_argmax_channel_is_torch_argmax_ties_included():
     from flare_c2f_extensions.cascade import _argmax_channel
 
-    threads = torch.get_num_threads()
     for channels in (2, 5, 14):
         probs = torch.softmax(torch.randn(channels, 9, 7, 5, generator=torch.Generator().manual_seed(channels)), 0)
         probs[:, 0, 0, 0] = 1.0 / channels  # all channels tie: background
@@ -82,18 +81,3 @@ def test_argmax_channel_is_torch_argmax_ties_included():
     probs = torch.softmax(torch.randn(3, 6, 6, 6, generator=torch.Generator().manual_seed(0)), 0)
     expected = torch.tensor((0, *lut), dtype=torch.uint8)[probs.argmax(0)]
     assert torch.equal(_argmax_channel(probs, lut)[0], expected)
-    assert torch.get_num_threads() == threads  # the one-thread section gives the threads back
-
-
-def test_one_thread_gives_the_threads_back_even_after_an_error():
-    from flare_c2f_extensions.cascade import _one_thread
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with pytest.raises(RuntimeError), _one_thread(torch.device("cpu")):
-            assert torch.get_num_threads() == 1
-            raise RuntimeError("inside")
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
