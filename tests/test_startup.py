@@ -246,3 +246,23 @@ def test_the_command_line_freezes_the_imports_objects():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.splitlines()[-1] == "True True"
     assert result.stdout.splitlines()[-2].startswith("error: segment needs an input and an output")
+
+
+def test_program_exit_keeps_status_and_outputs(tmp_path):
+    """The program skips the interpreter's teardown: its exit status and written files must be as before."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    def program(*args):
+        return subprocess.run([sys.executable, "-m", "flare_c2f_extensions", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    done = program("phantom", "--out", str(tmp_path / "cohort"), "--n", "1", "--shape", "32,32,16")
+    assert done.returncode == 0, done.stderr
+    images = sorted((tmp_path / "cohort" / "imagesTr").glob("*.nii.gz"))
+    assert len(images) == 1 and nib.load(str(images[0])).get_fdata().shape == (32, 32, 16)
+    missing = program("segment", "-i", str(tmp_path / "absent.nii.gz"), "-o", str(tmp_path / "out"))
+    assert missing.returncode == 1 and "absent.nii.gz" in missing.stderr and "Traceback" not in missing.stderr
+    assert program("no_such_command").returncode == 2
