@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None):
     from .errors import start_run
 
     start_run()  # one-line input errors, known noise silenced: for this run, never as an import's side effect
-    gc.freeze()  # the imports' objects live to the end: later collections, and the one at exit, skip them (~1 s)
+    gc.freeze()  # the imports' objects live to the end: the run's later collections skip them
     fire.Fire(COMMANDS, command=expand_short_flags(sys.argv[1:] if argv is None else list(argv)))
 
 
@@ -335,10 +335,11 @@ def console(argv: list[str] | None = None):
     try:
         main(argv)
         code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if stop.code is not None and not isinstance(stop.code, int):
-            print(stop.code, file=sys.stderr)
+    except SystemExit as stop:  # as the interpreter would: None is 0, a message is printed and gives 1
+        code = 0 if stop.code is None else stop.code
+        if not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -21,6 +21,7 @@ CPUs with native bf16, like torch's bf16 autocast; f32 elsewhere); without it f3
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -236,15 +237,15 @@ def _save_ir(model, key: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_BACKGROUND: list[ThreadPoolExecutor] = []
+@functools.lru_cache(maxsize=None)
+def _compiler() -> ThreadPoolExecutor:
+    """The one background thread that compiles cached models, made at its first use."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile")
 
 
 def _compile_in_background(name: str, xml: Path, amp: bool) -> Future:
     """Compile a cached IR on one background thread, in the order asked (the cascade's order): the process goes on
     reading the first CT meanwhile, and each stage waits for its model at its first call only."""
-    if not _BACKGROUND:
-        _BACKGROUND.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile"))
-
     config = _compile_config(amp, blob_cache=True)  # read torch's thread count here, on the caller's thread
 
     def compile_cached():
@@ -261,7 +262,7 @@ def _compile_in_background(name: str, xml: Path, amp: bool) -> Future:
         logger.info("%s: OpenVINO model from the cache %s (%.1f s)", name, xml.parent, time.perf_counter() - started)
         return compiled
 
-    return _BACKGROUND[0].submit(compile_cached)
+    return _compiler().submit(compile_cached)
 
 
 def openvino_engine(
