@@ -47,7 +47,7 @@ from .label_maps import save_label_map
 from .labels import GROUPS, ORGANS, organ_id
 from .paths import BUNDLES_DIR, STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
-from .stages import Stage, default_amp, load_stage
+from .stages import Stage, coarse_amp, default_amp, load_stage
 from .transforms import affine_of as _affine_of
 from .transforms import (
     box_affine,
@@ -108,7 +108,8 @@ class Cascade:
     """The cascade's networks, resident on one device; :meth:`segment` runs one case.
 
     Build it from the stage bundles with :meth:`from_bundles`. ``amp``: autocast (fp16 on CUDA, bf16 on CPU);
-    ``None`` chooses by device (:func:`default_amp`).
+    ``None`` chooses by device (:func:`default_amp`). The coarse stage runs in f32 on a CPU either way
+    (:func:`coarse_amp`).
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class Cascade:
         self.coarse, self.groups, self.locator, self.refiners = coarse, list(groups), locator, list(refiners)
         self.device = torch.device(device)
         self.amp = default_amp(self.device) if amp is None else bool(amp)
+        self.coarse_amp = coarse_amp(self.amp, self.device)
         self.largest_component = largest_component
         self.engine = engine  # what the stages were loaded with (for reports); each Stage holds its own engine
         self.max_voxels = max_voxels
@@ -164,14 +166,16 @@ class Cascade:
         dirs.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
         overrides = dict(stage_overrides or {})
 
-        def stage(name, extra=None):
+        def stage(name, extra=None, precision=amp):
             merged = {**overrides.get(name, {}), **(extra or {})}
-            return load_stage(name, dirs[name], device, merged, require_weights=require_weights, engine=engine, amp=amp)
+            return load_stage(
+                name, dirs[name], device, merged, require_weights=require_weights, engine=engine, amp=precision
+            )
 
         wanted = set(ORGANS) if organs is None else {organ_id(o) for o in organs}
         small = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
         small = tuple(o for o in small if o in wanted)
-        coarse, locator = stage("coarse"), stage("locator") if small else None
+        coarse, locator = stage("coarse", precision=coarse_amp(amp, device)), stage("locator") if small else None
         groups = [stage(group) for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
         refiners = [stage("refiner", {"organ": ORGANS[o]}) for o in small]
         used = {"torch" if s.engine is None else s.engine.name for s in [coarse, locator, *groups, *refiners] if s}
@@ -214,7 +218,7 @@ class Cascade:
         lap("load")
 
         coarse_grid = self.coarse.spatial_size
-        coarse_probs = self.coarse.predict(resize_spatial(image, coarse_grid, "trilinear"), self.amp)
+        coarse_probs = self.coarse.predict(resize_spatial(image, coarse_grid, "trilinear"), self.coarse_amp)
         coarse = _guide(_argmax_channel(coarse_probs[0]), _fov_affine_of(image, coarse_grid))
         del coarse_probs
         lap("coarse")

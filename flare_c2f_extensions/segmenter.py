@@ -347,6 +347,7 @@ def _environment(segmenter: Segmenter) -> dict:
         "device": str(cascade.device),
         "threads": torch.get_num_threads(),
         "amp": cascade.amp,
+        "coarse_amp": cascade.coarse_amp,
         "organs": [ORGANS[o] for o in segmenter.organs],
         "stages": [stage.name if stage.name != "refiner" else f"refiner:{ORGANS[stage.labels[0]]}" for stage in stages],
         "random_weight_stages": segmenter.random_weight_stages,

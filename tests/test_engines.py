@@ -17,8 +17,9 @@ from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.metrics import organ_scores
 from flare_c2f_extensions.quickstart import QUICK_NETWORK, QUICK_STAGES, train_stages
+from flare_c2f_extensions.stages import coarse_amp
 
-from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID
+from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID, TINY_STAGES
 
 TINY_NET = {"network_def#channels": TINY_CHANNELS}
 TRAINED = ("coarse", "solid", "digestive", "vessels")  # the big-organ cascade: four stages, about a minute
@@ -140,6 +141,24 @@ def test_openvino_and_torch_give_the_same_label_maps(trained, cohort, tmp_path):
         # a minute of training finds the liver and the spleen: enough that agreeing is not agreeing on background
         assert len(np.unique(maps["torch"])) >= 3 and np.mean(maps["torch"] > 0) > 0.01, np.unique(maps["torch"])
         assert abs(dsc["torch"] - dsc["openvino"]) <= 0.002
+
+
+def test_coarse_stage_runs_in_f32_on_a_cpu_under_mixed_precision(cohort):
+    """Its argmax places every box: bf16 rounding there would move boxes between engines (coarse_amp)."""
+    assert not coarse_amp(True, torch.device("cpu")) and coarse_amp(True, torch.device("cuda"))
+    assert not coarse_amp(False, torch.device("cuda"))
+    torch.manual_seed(0)
+    options = dict(device="cpu", amp=True, stage_overrides=TINY_STAGES, require_weights=False, small_organs=[])
+    cascade = Cascade.from_bundles(BUNDLES, engine="torch", **options)
+    seen = {}
+    for stage in [cascade.coarse, *cascade.groups]:
+        first = next(m for m in stage.network.modules() if isinstance(m, torch.nn.Conv3d))
+        first.register_forward_hook(lambda module, args, out, name=stage.name: seen.update({name: out.dtype}))
+    cascade.segment(sorted((cohort / "imagesTs").glob("*.nii.gz"))[0])
+    assert seen == {"coarse": torch.float32, "solid": torch.bfloat16, "digestive": torch.bfloat16,
+                    "vessels": torch.bfloat16}
+    compiled = Cascade.from_bundles(BUNDLES, engine="openvino", **options).coarse.engine.compiled
+    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
 
 
 def test_an_input_over_the_voxel_limit_is_refused_from_its_header(tmp_path):
