@@ -52,7 +52,9 @@ def label_map_image(labels: np.ndarray, reference: str | os.PathLike | Geometry)
     reference_header = geometry.header
     header = reference_header.copy() if reference_header is not None else nib.Nifti1Header()
     header.set_data_shape(shape)
-    out = nib.Nifti1Image(np.rint(labels).astype(np.uint8), geometry.affine, header)
+    if labels.dtype.kind == "f":  # only floats need rounding: np.rint would turn integers into floats first
+        labels = np.rint(labels)
+    out = nib.Nifti1Image(np.array(labels, dtype=np.uint8), geometry.affine, header)
     out.set_data_dtype(np.uint8)
     out.header.set_slope_inter(1, 0)
     _set_forms(out.header, geometry.affine, reference_header)

@@ -315,6 +315,24 @@ def test_sheared_output_has_qform_code_0_and_the_exact_sform(good, tmp_path):
     assert np.allclose(normal.header.get_qform(), normal.header.get_sform(), atol=1e-4)
 
 
+def test_label_map_image_rounds_floats_and_copies_integers(good):
+    """Float maps are rounded; integer maps are taken as they are (no float pass over the volume), into an array of
+    the image's own, so changing the caller's array afterwards changes nothing that is written."""
+    _, image, _ = good
+    from flare_c2f_extensions.label_maps import label_map_image
+
+    soft = np.full(image.shape, 0.4, np.float32)
+    soft[0, 0, 0] = 2.6
+    rounded = np.asarray(label_map_image(soft, good[0]).dataobj)
+    assert rounded.dtype == np.uint8 and rounded[0, 0, 0] == 3 and rounded.sum() == 3
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1, 2, 3] = 13
+    written = label_map_image(labels, good[0])
+    labels[1, 2, 3] = 0
+    data = np.asarray(written.dataobj)
+    assert data.dtype == np.uint8 and data[1, 2, 3] == 13 and data.sum() == 13
+
+
 # -- 11. the small items --------------------------------------------------------------------------------------
 
 
