@@ -220,6 +220,7 @@ def pseudo_label(
     thresholds (JSON, e.g. ``'{"min_mean_confidence": 0.9}'``, or a JSON file); a rerun skips finished cases and
     gates them again with the new rule. ``--require_weights false`` runs random weights seeded by ``--seed``
     (plumbing only). Under ``torchrun`` the cases are shared between the ranks, each on its own device.
+    Exit status 3 when a case failed (listed at the end; the report is written first).
     """
     import torch
 
@@ -248,6 +249,17 @@ def pseudo_label(
     if "num_kept" not in report:
         return  # not rank 0: rank 0 reports
     print(f"{report['num_kept']} of {report['num_cases']} case(s) kept ({report['num_failed']} failed): {output}")
+    if report["num_failed"]:  # the report is written; exit status 3 as segment's and evaluate's
+        import sys
+
+        from .cascade import FAILED_CASES_EXIT_STATUS
+
+        for case in report["cases"]:
+            if case["status"] == "failed":
+                print(f"error: {case['error']}", file=sys.stderr)
+        print(f"error: {report['num_failed']} of {report['num_cases']} case(s) failed (see {output}/quality.json)",
+              file=sys.stderr)
+        raise SystemExit(FAILED_CASES_EXIT_STATUS)
 
 
 def self_train(

@@ -12,8 +12,10 @@ Signals, per case (``OUT/signals/<case>.json``), per organ:
 - ``dropped_components`` / ``dropped_voxels``: what the largest-component step removed, and ``dropped_fraction``,
   the removed share of all voxels the cascade gave the organ;
 
-plus ``missing``, the organs with no voxel at all. The organ volumes are checked against the labelled cohort's
-range, taken from a labels folder or from the summary (``volume_reference.json``) a run writes.
+plus ``missing``, the organs with no voxel at all, ``input_sha256``, the content hash of the CT the label map was
+made from (a finished case counts as finished only for that content: a CT replaced by another of the same name is
+labelled again), and ``input_warnings``, what reading the CT warned about. The organ volumes are checked against the
+labelled cohort's range, taken from a labels folder or from the summary (``volume_reference.json``) a run writes.
 
 The rule (:class:`QualityRule`, every threshold in one place, each overridable) keeps a case only if every check
 passes; ``reasons`` lists each failed check in words. Why these checks:
@@ -24,7 +26,9 @@ passes; ``reasons`` lists each failed check in words. Why these checks:
   uncertain, a low percentile means a sizeable part of it is (typically a wrong boundary or a merged neighbour);
 - a volume far outside the labelled cohort's range: a leak into a neighbour, or most of the organ lost;
 - fragmentation: a teacher that had to drop a large share of an organ's voxels as stray components was confused
-  (a noise-like image, or an organ split in two).
+  (a noise-like image, or an organ split in two);
+- an input that is not a CT (reading it warned so: no air, a DICOM modality other than CT): whatever the teacher
+  made of it, a student must not learn it as a CT's organs.
 
 The decisions are recomputed from the stored signals on every run, so a changed rule re-gates a finished run
 without running the teacher again. ``OUT/quality.json`` holds the rule, every case's signals, ``keep`` and
@@ -36,10 +40,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +69,15 @@ __all__ = [
     "QualityRule",
     "case_signals",
     "decide",
+    "input_sha256",
     "pseudo_label",
     "volume_reference",
     "load_volume_reference",
 ]
 
 PERCENTILES = (5, 10, 25, 50)  # confidence percentiles stored per organ; the rule picks its low one among these
+# the input warnings that say an image is not a CT (images.py: no air; dicom.py: another modality)
+NOT_A_CT = re.compile(r"\bnot (a )?CT\b")
 
 
 @dataclass(frozen=True)
@@ -219,6 +228,7 @@ def decide(
     missing = list(signals["missing"])
     if len(missing) > rule.max_missing:
         reasons.append(f"missing: {', '.join(missing)}")
+    reasons += [f"not a CT: {warning}" for warning in signals.get("input_warnings", []) if NOT_A_CT.search(warning)]
     low_key = f"confidence_p{rule.low_percentile}"
     for name, organ in signals["organs"].items():
         if not organ["voxels"]:
@@ -267,7 +277,8 @@ def pseudo_label(
     reference = load_volume_reference(reference)
     if isinstance(images, (str, os.PathLike)):
         images = [item["image"] for item in find_images(images, subdir="")]
-    out = prepare_output_dir(output_dir)
+    images = [os.path.abspath(image) for image in images]  # kept.json is read from other folders
+    out = prepare_output_dir(output_dir).absolute()
     ranks = Ranks.from_env()  # under torchrun: this rank's share of the cases, then rank 0 gates them all
     ranks.start()
     mine = ranks.shard([str(image) for image in images], key=case_name)
@@ -289,18 +300,53 @@ def pseudo_label(
     return write_quality_report(cases, rule, reference, out)
 
 
+def input_sha256(image: str | os.PathLike) -> str:
+    """sha256 of a NIfTI file's bytes; of a DICOM series folder: of its files' names and bytes, in name order."""
+    path = Path(image)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file is not path:
+            digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _finished_signals(signals_path: Path, label_path: Path, sha256: str) -> tuple[dict | None, str | None]:
+    """``(signals, None)`` when an earlier run labelled this very input, else ``(None, why it must be redone)``."""
+    if not (label_path.is_file() and signals_path.is_file()):
+        return None, None
+    try:
+        stored = json.loads(signals_path.read_text())
+    except (OSError, ValueError) as error:
+        return None, f"its signals cannot be read ({error})"
+    if not isinstance(stored, dict) or stored.get("input_sha256") != sha256:
+        return None, "its input changed since it was labelled (another sha256)"
+    return stored, None
+
+
 def _label_case(cascade, image: str, out: Path, overwrite: bool) -> dict:
-    """Segment one case and store its label map and signals, or read them back from an earlier run."""
+    """Segment one case and store its label map and signals, or read them back from an earlier run that labelled
+    the same input (by content)."""
     name = case_name(image)
     label_path, signals_path = out / "labels" / f"{name}.nii.gz", out / "signals" / f"{name}.json"
-    if label_path.is_file() and signals_path.is_file() and not overwrite:
-        stored = json.loads(signals_path.read_text())
-        return {"case": name, "image": image, "label": str(label_path), "status": "exists", "signals": stored}
+    redone = None
     try:
         with InputWarnings() as warned:
+            sha256 = input_sha256(image)
+            if not overwrite:
+                stored, redone = _finished_signals(signals_path, label_path, sha256)
+                if stored is not None:
+                    return {"case": name, "image": image, "label": str(label_path), "status": "exists",
+                            "signals": stored}
+                if redone:
+                    logger.warning("%s: %s: labelling it again", label_path, redone)
             result = cascade.segment(image, keep_confidence=True)
             geometry = image_geometry(image)
             signals = case_signals(result.labels, result.confidence, result.dropped, geometry.affine)
+            signals.update(input_sha256=sha256, input_warnings=list(warned.messages))
             save_label_map(result.labels, geometry, out / "labels")
             write_text_atomic(json.dumps(signals, indent=4) + "\n", signals_path)  # last: marks the case done
     except (KeyboardInterrupt, SystemExit):
@@ -310,7 +356,7 @@ def _label_case(cascade, image: str, out: Path, overwrite: bool) -> dict:
         logger.error("failed: %s", message)
         return {"case": name, "image": image, "status": "failed", "error": message, **warned.as_dict()}
     return {"case": name, "image": image, "label": str(label_path), "status": "done", "signals": signals,
-            **warned.as_dict()}
+            **({"redone": redone} if redone else {}), **warned.as_dict()}
 
 
 def write_quality_report(cases: Sequence[dict], rule: QualityRule, reference: Mapping | None, out: Path) -> dict:

@@ -1,0 +1,122 @@
+"""Issue 20 ("nothing lost, nothing silent"), items 7, 8, 12, 13 and 14: pseudo-labels, evaluation and release
+downloads. A finished pseudo-label belongs to the input it was made from, a failed case shows in the exit status,
+evaluation refuses what cannot be scored before reading voxels, and a download is bounded and leaves nothing behind.
+
+The pseudo-label tests use a stand-in teacher (:class:`SlabTeacher`): it reads each CT the way the cascade does, so
+the input warnings are the real ones, and answers with every organ at full confidence, so the quality gate keeps a
+case unless something else is wrong with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+
+from flare_c2f_extensions.cascade import CaseResult
+from flare_c2f_extensions.discovery import case_name
+from flare_c2f_extensions.images import image_geometry, read_ct
+from flare_c2f_extensions.labels import ORGANS
+from flare_c2f_extensions.pseudo_label import pseudo_label
+
+from helpers import BUNDLES, REPO, TINY_STAGES, save
+
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+AFFINE = np.diag([1.5, 1.5, 2.5, 1.0])
+COARSE_VERSION = json.loads((BUNDLES / "flare22_coarse" / "configs" / "metadata.json").read_text())["version"]
+
+
+def _cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "flare_c2f_extensions", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=CLI_ENV)
+
+
+def _ct(path, shape=(24, 20, 16), seed=0, lowest_hu=-1000):
+    """A CT-like int16 image: uniform HU from ``lowest_hu`` to 400 (above -500 it has no air: not a CT)."""
+    hu = np.random.default_rng(seed).uniform(lowest_hu, 400, shape)
+    return save(np.rint(hu), AFFINE, path, np.int16)
+
+
+class SlabTeacher:
+    """A stand-in teacher: reads the CT as the cascade does (its input warnings are logged), then gives every organ
+    a slab along the first array axis at full confidence, nothing dropped. Records the cases it segmented."""
+
+    def __init__(self):
+        self.segmented = []
+
+    def segment(self, image, keep_confidence=False):
+        read_ct(image)
+        shape = image_geometry(image).shape
+        slabs = (np.arange(shape[0]) * (len(ORGANS) + 1) // shape[0]).astype(np.uint8)
+        labels = np.ascontiguousarray(np.broadcast_to(slabs[:, None, None], shape))
+        self.segmented.append(case_name(image))
+        return CaseResult(labels, confidence=np.ones(shape, np.float32), dropped={})
+
+
+# -- item 7: pseudo_label --------------------------------------------------------------------------------------------
+
+
+def test_pseudo_label_exits_3_when_a_case_fails(tmp_path):
+    """Every case failing used to end with exit status 0; now 3 (as segment and evaluate), the report first."""
+    images = tmp_path / "images"
+    save(np.full((24, 20, 16), np.nan, np.float32), AFFINE, images / "all_nan_0000.nii.gz", np.float32)
+    done = _cli("pseudo_label", "--bundles_dir", BUNDLES, "-i", images, "-o", tmp_path / "out", "--device", "cpu",
+                "--require_weights", "false", "--stage_overrides", json.dumps(TINY_STAGES))
+    assert done.returncode == 3, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert report["num_failed"] == 1 and report["cases"][0]["status"] == "failed"
+    assert "Traceback" not in done.stderr
+    assert "all_nan_0000.nii.gz" in done.stderr and "no finite voxel" in done.stderr
+
+
+def test_pseudo_label_redoes_a_case_whose_input_changed(tmp_path):
+    """A CT replaced by another of the same name used to keep its old pseudo-label (kept.json then paired a
+    96x96x64 image with a 48x48x32 label): a finished case is recognised by its input's sha256."""
+    images, out, teacher = tmp_path / "images", tmp_path / "pseudo", SlabTeacher()
+    image = _ct(images / "case_0000.nii.gz", shape=(24, 20, 16), seed=1)
+    pseudo_label(teacher, images, out, progress=False)
+    _ct(image, shape=(32, 28, 20), seed=2)
+    report = pseudo_label(teacher, images, out, progress=False)
+    assert teacher.segmented == ["case", "case"]
+    assert report["cases"][0]["status"] == "done"
+    signals = json.loads((out / "signals" / "case.json").read_text())
+    assert signals["input_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    kept = json.loads((out / "kept.json").read_text())
+    assert len(kept) == 1 and nib.load(kept[0]["label"]).shape == nib.load(kept[0]["image"]).shape == (32, 28, 20)
+    again = pseudo_label(teacher, images, out, progress=False)  # unchanged now: reused
+    assert again["cases"][0]["status"] == "exists" and teacher.segmented == ["case", "case"]
+
+
+def test_kept_json_holds_absolute_paths(tmp_path, monkeypatch):
+    """kept.json is read by trainings that run in other folders: its paths must not depend on this one."""
+    _ct(tmp_path / "images" / "case_0000.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    pseudo_label(SlabTeacher(), "images", "pseudo", progress=False)
+    kept = json.loads((tmp_path / "pseudo" / "kept.json").read_text())
+    assert len(kept) == 1
+    expected = {"image": tmp_path / "images" / "case_0000.nii.gz",
+                "label": tmp_path / "pseudo" / "labels" / "case.nii.gz"}
+    for key, path in expected.items():
+        assert os.path.isabs(kept[0][key]), kept
+        assert os.path.samefile(kept[0][key], path)
+
+
+def test_a_case_that_is_not_a_ct_is_not_kept(tmp_path):
+    """The gate used to ignore the input warnings: an image with no air (not a CT in HU) was kept."""
+    images, out, teacher = tmp_path / "images", tmp_path / "pseudo", SlabTeacher()
+    _ct(images / "ct_0000.nii.gz", seed=3)
+    _ct(images / "no_air_0000.nii.gz", seed=4, lowest_hu=-200)
+    for run in ("first", "rerun"):  # the rerun gates again from the stored signals
+        pseudo_label(teacher, images, out, progress=False)
+        cases = {case["case"]: case for case in json.loads((out / "quality.json").read_text())["cases"]}
+        assert cases["ct"]["keep"] is True, (run, cases["ct"]["reasons"])
+        assert cases["no_air"]["keep"] is False, run
+        assert any(reason.startswith("not a CT:") and "no voxel below" in reason
+                   for reason in cases["no_air"]["reasons"]), (run, cases["no_air"]["reasons"])
+    assert teacher.segmented == ["ct", "no_air"]
+    assert [case_name(item["image"]) for item in json.loads((out / "kept.json").read_text())] == ["ct"]
