@@ -25,9 +25,13 @@ def evaluate(pred: str, gt: str, out: str):
     Exit status 3 when a case could not be scored (it is listed; the others are scored)."""
     import sys
 
+    from .errors import InputError
     from .metrics import FAILED_CASES_EXIT_STATUS, evaluate_folder, format_summary
 
-    summary = evaluate_folder(pred, gt, out)
+    try:
+        summary = evaluate_folder(pred, gt, out)
+    except InputError as error:  # a folder or naming mistake: one line, nothing scored
+        raise SystemExit(f"error: {error}") from None
     print(format_summary(summary))
     if summary["failed_cases"]:
         print(f"error: {len(summary['failed_cases'])} case(s) could not be scored (see above)", file=sys.stderr)
@@ -323,17 +327,37 @@ def expand_short_flags(argv: list[str]) -> list[str]:
     return expanded
 
 
+def _options_of(command: str):
+    """The function whose parameters a command's options are (the wrapped one where a command passes them on)."""
+    if command == "phantom":
+        from .phantom import write_cohort
+
+        return write_cohort
+    if command == "quickstart":
+        from .quickstart import quickstart as run
+
+        return run
+    return COMMANDS[command]
+
+
 def main(argv: list[str] | None = None):
     import gc
     import sys
 
     import fire
 
-    from .errors import start_run
+    from .arguments import check_options
+    from .errors import InputError, start_run
 
     start_run()  # one-line input errors, known noise silenced: for this run, never as an import's side effect
     gc.freeze()  # the imports' objects live to the end: the run's later collections skip them
-    fire.Fire(COMMANDS, command=expand_short_flags(sys.argv[1:] if argv is None else list(argv)))
+    argv = expand_short_flags(sys.argv[1:] if argv is None else list(argv))
+    if argv and argv[0] in COMMANDS:
+        try:
+            check_options(argv[0], _options_of(argv[0]), argv[1:])
+        except InputError as error:
+            raise SystemExit(f"error: {error}") from None
+    fire.Fire(COMMANDS, command=argv)
 
 
 def console(argv: list[str] | None = None):

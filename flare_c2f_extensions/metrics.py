@@ -265,12 +265,31 @@ def _nifti_cases(folder: str | os.PathLike, role: str) -> dict[str, Path]:
     return dict(sorted(cases.items()))
 
 
+def _few(names: Iterable[str], shown: int = 3) -> str:
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _check_some_prediction_matches(pred, gt, pred_cases: dict, gt_cases: dict) -> None:
+    """:class:`InputError` when no prediction is named like a ground-truth case: every case would score as an empty
+    prediction (mean DSC 0), which is a naming mistake, not a result."""
+    if set(pred_cases) & set(gt_cases):
+        return
+    gt_where = gt if isinstance(gt, (str, os.PathLike)) else "the ground-truth list"
+    raise InputError(
+        f"no prediction in {pred} is named like a ground-truth case of {gt_where}: predictions {_few(pred_cases)}; "
+        f"ground truth {_few(gt_cases)} (a prediction <case>.nii.gz pairs with the ground truth <case>.nii.gz)"
+    )
+
+
 def evaluate_folder(pred: str, gt: str | Sequence[str], out: str, labels: Iterable[int] | None = None) -> dict:
     """Score every ``gt/<case>.nii.gz`` against ``pred/<case>.nii.gz``; write metrics.csv and summary.json.
 
     ``gt`` is a folder of ground-truth label maps or a list of their paths (e.g. a bundle's validation cases);
     ``labels`` limits the scoring to some organs (e.g. a stage's group; default all 13). The folders (``out``:
-    created and writable) are checked before any case is scored.
+    created and writable) are checked before any case is scored; when no prediction is named like a ground-truth
+    case nothing is scored (:class:`~flare_c2f_extensions.errors.InputError` naming both folders and some names).
 
     A case without a prediction is scored as an empty prediction and listed under ``missing_predictions``. A case
     that cannot be scored (unreadable file, another grid) fails alone: its row in metrics.csv is empty with the
@@ -287,6 +306,7 @@ def evaluate_folder(pred: str, gt: str | Sequence[str], out: str, labels: Iterab
         if not gt_cases:
             raise MissingFolderError("no ground-truth label maps given")
     pred_cases = _nifti_cases(pred, "prediction")
+    _check_some_prediction_matches(pred, gt, pred_cases, gt_cases)
     prepare_output_dir(out, "evaluation output")
     missing = [case for case in gt_cases if case not in pred_cases]
     extra = [case for case in pred_cases if case not in gt_cases]
@@ -372,7 +392,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{name:<22}{organ['DSC']:>8.4f}{organ['NSD']:>8.4f}")
     mean = f"mean ({len(summary['organs'])} organs)"
     lines.append(f"{mean:<22}{summary['mean_DSC']:>8.4f}{summary['mean_NSD']:>8.4f}")
-    lines.append(f"{summary['num_cases']} case(s); missing predictions: {len(summary['missing_predictions'])}")
+    missing = summary["missing_predictions"]
+    names = f" ({_few(missing, 10)}, scored as empty)" if missing else ""
+    lines.append(f"{summary['num_cases']} case(s); missing predictions: {len(missing)}{names}")
     for case, error in summary.get("failed_cases", {}).items():
         lines.append(f"failed: {case}: {error}")
     for case, notes in summary.get("unknown_labels", {}).items():

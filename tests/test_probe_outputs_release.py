@@ -17,11 +17,14 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from flare_c2f_extensions.cascade import CaseResult
 from flare_c2f_extensions.discovery import case_name
+from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.images import image_geometry, read_ct
 from flare_c2f_extensions.labels import ORGANS
+from flare_c2f_extensions.metrics import evaluate_folder
 from flare_c2f_extensions.pseudo_label import pseudo_label
 
 from helpers import BUNDLES, REPO, TINY_STAGES, save
@@ -120,3 +123,34 @@ def test_a_case_that_is_not_a_ct_is_not_kept(tmp_path):
                    for reason in cases["no_air"]["reasons"]), (run, cases["no_air"]["reasons"])
     assert teacher.segmented == ["ct", "no_air"]
     assert [case_name(item["image"]) for item in json.loads((out / "kept.json").read_text())] == ["ct"]
+
+
+# -- item 8: evaluate with no prediction matching a case -------------------------------------------------------------
+
+
+def _label_map(path, shape=(16, 16, 8), affine=None):
+    labels = np.zeros(shape, np.uint8)
+    labels[4:10, 4:10, 2:6] = 1
+    return save(labels, np.eye(4) if affine is None else affine, path, np.uint8)
+
+
+def test_evaluate_refuses_predictions_that_match_no_case(tmp_path):
+    """No prediction named like a ground-truth case used to score every case as empty (mean DSC 0, exit 0)."""
+    gt, pred, out = tmp_path / "gt", tmp_path / "pred", tmp_path / "out"
+    for case in ("FLARE22_Tr_0001", "FLARE22_Tr_0002"):
+        _label_map(gt / f"{case}.nii.gz")
+        _label_map(pred / f"{case}_seg.nii.gz")
+    with pytest.raises(InputError) as info:
+        evaluate_folder(str(pred), str(gt), str(out))
+    for text in (str(pred), str(gt), "FLARE22_Tr_0001_seg", "FLARE22_Tr_0001"):
+        assert text in str(info.value)
+    assert not out.exists(), "refused before anything was written"
+    done = _cli("evaluate", "--pred", pred, "--gt", gt, "--out", out)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+    # some predictions missing, others matching: scored, the missing ones listed by name
+    (pred / "FLARE22_Tr_0001_seg.nii.gz").rename(pred / "FLARE22_Tr_0001.nii.gz")
+    done = _cli("evaluate", "--pred", pred, "--gt", gt, "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "FLARE22_Tr_0002" in done.stdout
+    assert json.loads((out / "summary.json").read_text())["missing_predictions"] == ["FLARE22_Tr_0002"]
