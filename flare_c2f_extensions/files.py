@@ -3,6 +3,8 @@ folders checked before any work, and finished outputs recognised on a rerun."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -19,8 +21,12 @@ if TYPE_CHECKING:
     from .geometry import Geometry
 
 __all__ = [
+    "PROVENANCE_KEY",
     "atomic_path",
+    "content_sha256",
     "finished_output",
+    "labels_sha256",
+    "output_provenance",
     "outputs_apart_from_inputs",
     "prepare_output_dir",
     "write_nifti_atomic",
@@ -87,7 +93,6 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-
 def finished_output(output: str | os.PathLike, geometry: Geometry) -> str | None:
     """``None`` if ``output`` is a finished label map of the image with ``geometry`` (it reads back whole as a
     label map with the image's shape and affine), else why not."""
@@ -130,3 +135,76 @@ def outputs_apart_from_inputs(images: Sequence[tuple[str | os.PathLike, str]], o
                 f"{output_dir}: the output folder holds the input {image}: its label maps would be taken for images "
                 "on the next run (or overwrite them); choose an output folder apart from the inputs"
             )
+
+
+# -- whose output is this ------------------------------------------------------------------------------------------
+
+# The label maps that ``flare-c2f segment`` writes carry a NIfTI comment extension with this key: the input's content
+# hash, the hash of the labels as written and the options that decided them. A rerun trusts an existing output only
+# through it, so a file that the run did not write (another CT, a hand-corrected map) is never taken for finished,
+# nor replaced without --overwrite.
+PROVENANCE_KEY = "flare_c2f_provenance"
+_CHUNK = 1 << 20
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes; of a folder (a DICOM series): of its files' names and bytes, in name order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for file in files:
+        if file is not path:
+            digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(_CHUNK), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def labels_sha256(labels: np.ndarray) -> str:
+    """sha256 of a uint8 label map's voxels in C order (so a map edited after it was written is recognised)."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def provenance_extension(record: dict) -> nib.nifti1.Nifti1Extension:
+    return nib.nifti1.Nifti1Extension("comment", json.dumps({PROVENANCE_KEY: record}).encode())
+
+
+def output_provenance(output: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """What an existing label map says of itself, as ``(record, problem)``:
+
+    - ``(record, None)``: a whole, unedited label map that ``flare-c2f segment`` wrote (the record as written);
+    - ``(record, why)``: one it wrote that no longer reads back whole (damaged: safe to write again);
+    - ``(None, why)``: a file it did not write, or one whose labels were changed since (never replaced silently).
+    """
+    output = Path(output)
+    if output.is_dir():
+        return None, "it is a folder"
+    try:
+        written = nib.load(str(output))
+        dtype, shape = written.get_data_dtype(), written.shape
+        record = _provenance_record(written)
+    except Exception as error:  # nibabel raises several types for broken files
+        return None, f"it is not a readable NIfTI file ({type(error).__name__}: {error})"
+    if record is None:
+        return None, "it was not written by flare-c2f segment"
+    if dtype != np.uint8 or len(shape) != 3:
+        return None, f"it is no longer a flare-c2f label map ({dtype}, shape {shape})"
+    try:
+        data = np.asarray(written.dataobj)  # reads every byte: a truncated file fails here
+    except Exception as error:
+        return record, f"it cannot be read whole ({type(error).__name__}: {error})"
+    if record.get("labels_sha256") != labels_sha256(data):
+        return None, "its labels were changed after flare-c2f wrote it"
+    return record, None
+
+
+def _provenance_record(image) -> dict | None:
+    for extension in getattr(image.header, "extensions", []):
+        try:
+            content = json.loads(extension.get_content())
+        except (ValueError, TypeError, UnicodeDecodeError):
+            continue
+        if isinstance(content, dict) and isinstance(content.get(PROVENANCE_KEY), dict):
+            return content[PROVENANCE_KEY]
+    return None

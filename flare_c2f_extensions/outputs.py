@@ -31,13 +31,14 @@ import nibabel as nib
 import numpy as np
 
 from .discovery import NIFTI_SUFFIXES
-from .files import write_nifti_atomic, write_text_atomic
+from .files import labels_sha256, provenance_extension, write_nifti_atomic, write_text_atomic
 from .images import image_geometry, read_voxels
 from .label_maps import label_map_image
 from .labels import ORGANS, label_names
 
 __all__ = [
-    "itksnap_labels", "named_label_image", "organ_statistics", "preview_rgb", "read_hu", "slicer_color_table",
+    "case_outputs", "itksnap_labels", "named_label_image", "organ_statistics", "preview_rgb", "read_hu",
+    "slicer_color_table",
     "statistics_csv", "stem_of", "write_case",
 ]
 
@@ -61,14 +62,31 @@ def read_hu(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 # -- label names --------------------------------------------------------------------------------------------------
 
 
-def named_label_image(labels: np.ndarray, reference, organs: Sequence[int], stem: str) -> nib.Nifti1Image:
+def named_label_image(
+    labels: np.ndarray, reference, organs: Sequence[int], stem: str, provenance: dict | None = None
+) -> nib.Nifti1Image:
     """The label map as NIfTI (input geometry) with its names in the header: ``descrip`` (80 bytes) points at the
-    sidecar, a comment extension (code 6) holds the ``channel_def`` JSON."""
+    sidecar, a comment extension (code 6) holds the ``channel_def`` JSON. ``provenance`` (input hash and options,
+    :func:`files.output_provenance`) goes into a second comment extension, with the hash of the labels written."""
     image = label_map_image(labels, reference)
     image.header["descrip"] = f"flare-c2f FLARE22 organ ids; names: {stem}.json"[:79].encode()
     names = json.dumps(label_names(tuple(organs))).encode()
     image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", names))
+    if provenance is not None:
+        record = {**provenance, "labels_sha256": labels_sha256(np.asanyarray(image.dataobj))}
+        image.header.extensions.append(provenance_extension(record))
     return image
+
+
+def case_outputs(target: str | os.PathLike, per_organ=False, dicom_seg=False, statistics=False, preview=False):
+    """The paths :func:`write_case` writes for these options, the label map last."""
+    target = Path(target)
+    stem, folder = stem_of(target), target.parent
+    names = [f"{stem}.json", f"{stem}.itksnap.txt", f"{stem}.ctbl"]
+    names += [f"{stem}_organs"] * bool(per_organ) + [f"{stem}_seg.dcm"] * bool(dicom_seg)
+    names += [f"{stem}_statistics.json", f"{stem}_statistics.csv"] * bool(statistics)
+    names += [f"{stem}_preview.png"] * bool(preview)
+    return [folder / name for name in names] + [target]
 
 
 def _colours(organs: Sequence[int]) -> dict[int, tuple[int, int, int]]:
@@ -160,22 +178,24 @@ def write_case(
     dicom_seg: bool = False,
     statistics: bool = False,
     preview: bool = False,
+    provenance: dict | None = None,
 ) -> list[Path]:
     """Write the outputs of one case (module docstring) beside ``target`` (the label map's path); returns their
-    paths, the label map last. Atomic as a whole: staged in a hidden folder, then moved into place."""
+    paths, the label map last. Atomic as a whole: staged in a hidden folder, then moved into place.
+    ``provenance``: what the label map's header records of its input and options (:func:`named_label_image`)."""
     target = Path(target)
     stem = stem_of(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=target.parent))
     try:
         names = _write_staged(labels, image_path, staging, target.name, stem, organs, per_organ, dicom_seg,
-                              statistics, preview)
+                              statistics, preview, provenance)
         return _move_into_place(staging, target.parent, names)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_staged(labels, image_path, staging: Path, label_name: str, stem: str, organs, per_organ, dicom_seg,
-                  statistics, preview) -> list[str]:
+                  statistics, preview, provenance) -> list[str]:
     names = []
     geometry = image_geometry(image_path)  # headers read once for every mask
 
@@ -210,7 +230,7 @@ def _write_staged(labels, image_path, staging: Path, label_name: str, stem: str,
             Image.fromarray(preview_rgb(labels, hu, affine)).save(staging / f"{stem}_preview.png", format="PNG")
             names.append(f"{stem}_preview.png")
         del hu
-    write_nifti_atomic(named_label_image(labels, geometry, organs, stem), staging / label_name)
+    write_nifti_atomic(named_label_image(labels, geometry, organs, stem, provenance), staging / label_name)
     names.append(label_name)
     return names
 

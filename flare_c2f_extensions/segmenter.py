@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .arguments import as_bool, as_mapping, parse_device, parse_organs, parse_threads
+from .arguments import as_bool, as_mapping, parse_device, parse_max_voxels, parse_organs, parse_seed, parse_threads
 from .errors import InputError
 from .label_maps import label_map_image
 from .labels import GROUPS, ORGANS
@@ -86,18 +86,21 @@ def needed_stages(organs: Sequence[int]) -> list[tuple[str, dict]]:
     return stages
 
 
-def missing_weights(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]) -> list[str]:
-    """``"<stage>: <checkpoint path>"`` for every needed stage whose checkpoint file does not exist."""
+def stage_checkpoints(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]):
+    """``(label, checkpoint path)`` of every stage ``organs`` need; the label names the refiner's organ."""
     from .configs import read_stage_config
 
-    missing = []
+    checkpoints = []
     for name, extra in needed_stages(organs):
         parser = read_stage_config(dirs[name], {**overrides.get(name, {}), **extra})
-        checkpoint = Path(parser.get_parsed_content("ckpt_path"))
-        if not checkpoint.is_file():
-            label = f"{name} ({extra['organ']})" if extra else name
-            missing.append(f"{label}: {checkpoint}")
-    return missing
+        label = f"{name} ({extra['organ']})" if extra else name
+        checkpoints.append((label, Path(parser.get_parsed_content("ckpt_path"))))
+    return checkpoints
+
+
+def missing_weights(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]) -> list[str]:
+    """``"<stage>: <checkpoint path>"`` for every needed stage whose checkpoint file does not exist."""
+    return [f"{label}: {path}" for label, path in stage_checkpoints(dirs, overrides, organs) if not path.is_file()]
 
 
 def weights_error(missing: Sequence[str]) -> InputError:
@@ -135,8 +138,8 @@ def load_cascade(
 
     from .cascade import MAX_CASE_VOXELS, Cascade
 
-    no_limit = max_voxels in (None, "none", "None")
-    limit = MAX_CASE_VOXELS if max_voxels == "default" else None if no_limit else int(max_voxels)
+    max_voxels = parse_max_voxels(max_voxels)
+    limit = MAX_CASE_VOXELS if max_voxels == "default" else max_voxels
     dirs, overrides = stage_sources(bundles_dir, stage_dirs, stage_overrides)
     missing = missing_weights(dirs, overrides, organs)
     if missing and require_weights:
@@ -144,9 +147,9 @@ def load_cascade(
     if missing:
         logger.warning("no weights for %d stage(s): they run with random weights (timing only)", len(missing))
     device = parse_device(device)
-    cascade_logger = logging.getLogger("flare_c2f_extensions.cascade")
+    stages_logger = logging.getLogger("flare_c2f_extensions.stages")  # where load_stage says it
     quiet = _QuietRandomInit()
-    cascade_logger.addFilter(quiet)
+    stages_logger.addFilter(quiet)
     try:
         torch.manual_seed(int(seed))
         cascade = Cascade.from_bundles(
@@ -154,7 +157,7 @@ def load_cascade(
             organs=organs, engine=engine, max_voxels=limit,
         )
     finally:
-        cascade_logger.removeFilter(quiet)
+        stages_logger.removeFilter(quiet)
     return cascade, missing
 
 
@@ -188,11 +191,29 @@ class Segmenter:
             torch.set_num_threads(threads)
         self.organs = parse_organs(organs)
         amp = None if amp is None else as_bool(amp, "amp")
+        stage_dirs = as_mapping(stage_dirs, "stage_dirs")
+        stage_overrides = as_mapping(stage_overrides, "stage_overrides")
+        self.seed = parse_seed(seed)
         self.cascade, self.random_weight_stages = load_cascade(
-            self.organs, device, amp, bundles_dir, as_mapping(stage_dirs, "stage_dirs"),
-            as_mapping(stage_overrides, "stage_overrides"), as_bool(require_weights, "require_weights"), seed,
-            engine, max_voxels,
+            self.organs, device, amp, bundles_dir, stage_dirs, stage_overrides,
+            as_bool(require_weights, "require_weights"), self.seed, engine, max_voxels,
         )
+        self.checkpoints = stage_checkpoints(*stage_sources(bundles_dir, stage_dirs, stage_overrides), self.organs)
+
+    def labels_options(self) -> dict:
+        """What decides this segmenter's label maps (organs, each stage's weights by content, engine, precision),
+        recorded in every label map ``flare-c2f segment`` writes and compared on a rerun."""
+        from .engines import checkpoint_sha256
+
+        weights = {
+            label: checkpoint_sha256(path) if path.is_file() else f"random (seed {self.seed})"
+            for label, path in self.checkpoints
+        }
+        cascade = self.cascade
+        return {
+            "organs": [ORGANS[o] for o in self.organs], "weights": weights, "engine": cascade.engine,
+            "amp": cascade.amp, "coarse_amp": cascade.coarse_amp,
+        }
 
     def labels(self, path: str | os.PathLike):
         """The label map of the CT at ``path`` (file layout, FLARE ids of the chosen organs only) and the cascade's
@@ -374,7 +395,6 @@ def run_segment(
     report (:mod:`.distributed`); the other ranks return their part."""
     from .distributed import Ranks, merge_reports
     from .files import prepare_output_dir
-    from .outputs import stem_of
 
     chosen = parse_organs(organs)
     images, ignored = resolve_inputs(input, output)
@@ -386,10 +406,15 @@ def run_segment(
             check_source(image)
     parse_device(options.get("device"))
     parse_threads(options.get("threads"))
+    parse_seed(options.get("seed", 0))
+    parse_max_voxels(options.get("max_voxels", "default"))
+    if "amp" in options and options["amp"] is not None:
+        as_bool(options["amp"], "amp")
     check_weights(chosen, options)
+    refuse_foreign_outputs(targets, overwrite)
     folder = prepare_output_dir(targets[0][1].parent)
     single_file = len(targets) == 1 and targets[0][1] == Path(str(output)).expanduser()
-    report_path = folder / (f"{stem_of(targets[0][1])}_report.json" if single_file else "segment_report.json")
+    report_path = report_path_for(folder, targets, single_file)
     ranks = Ranks.from_env()  # one process: everything as it was
     device = options["device"] = ranks.device(options.get("device"))
     options["threads"] = ranks.threads(options.get("threads"), device)
@@ -422,6 +447,46 @@ def run_segment(
     return report
 
 
+def report_path_for(folder: Path, targets, single_file: bool) -> Path:
+    """``<name>_report.json`` for ``-o FILE``, else ``segment_report.json`` in the output folder, unless a case's own
+    outputs would take that name (a case called ``segment_report``): then ``segment_report_run.json``."""
+    from .outputs import case_outputs, stem_of
+
+    if single_file:
+        return folder / f"{stem_of(targets[0][1])}_report.json"
+    taken = {path.name for _, target in targets for path in case_outputs(target, True, True, True, True)}
+    name = "segment_report.json"
+    while name in taken:
+        name = name.replace(".json", "_run.json")
+    return folder / name
+
+
+def refuse_foreign_outputs(targets, overwrite: bool = False) -> None:
+    """Stop before any work if a label map to be written is a folder, or exists and this tool did not write it for
+    this input (another CT, a hand-corrected map): only ``overwrite`` replaces such a file. Where two inputs share
+    an output name, the first one owns it (the others fail as cases)."""
+    from .files import content_sha256, output_provenance
+
+    owners = {}
+    for image, target in targets:
+        owners.setdefault(str(target), (image, target))
+    problems = []
+    for image, target in owners.values():
+        if target.is_dir():
+            problems.append(f"{target}: is a folder, not a label map file; choose another output")
+            continue
+        if overwrite or not target.exists():
+            continue
+        record, why = output_provenance(target)
+        if record is None:  # a damaged file of this tool's (record and why) is written again
+            problems.append(f"{target}: exists and {why}")
+        elif record.get("input") != os.path.realpath(image) and record.get("input_sha256") != content_sha256(image):
+            problems.append(f"{target}: exists and holds the segmentation of another input, {record.get('input')}")
+    if problems:
+        more = f" (and {len(problems) - 1} more output(s))" if len(problems) > 1 else ""
+        raise InputError(f"{problems[0]}{more}: nothing was written; --overwrite replaces it, or choose another output")
+
+
 def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, collect, what: dict) -> list[dict]:
     from .discovery import case_name
     from .efficiency import ResourceMonitor
@@ -429,27 +494,31 @@ def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, c
     from .outputs import write_case
 
     cases, claimed = [], {}
+    labels_options = segmenter.labels_options()
     for number, (image, target) in enumerate(targets, start=1):
         case = {"case": case_name(image), "input": image, "output": str(target)}
         if str(target) in claimed:
             case.update(status="failed", error=f"{image}: its output {target} is already {claimed[str(target)]}'s")
-        elif not overwrite and _finished(target, image, case):
-            case["status"] = "exists"
         else:
             claimed[str(target)] = image
             try:
-                with ResourceMonitor(segmenter.cascade.device) as monitor:
-                    labels, result = segmenter.labels(image)
-                    written = write_case(labels, image, target, segmenter.organs, **what)
+                provenance = _provenance(image, labels_options, what)
+                if not overwrite and _finished(target, provenance, what, case):
+                    case["status"] = "exists"
+                else:
+                    with ResourceMonitor(segmenter.cascade.device) as monitor:
+                        labels, result = segmenter.labels(image)
+                        written = write_case(labels, image, target, segmenter.organs, **what, provenance=provenance)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as error:  # one bad case must not stop the others
                 cause = input_error_in(error)
                 case.update(status="failed", error=str(cause) if cause else f"{image}: {type(error).__name__}: {error}")
             else:
-                case.update(status="done", outputs=[str(p) for p in written], **monitor.usage.as_dict())
-                case["stage_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
-                case["skipped_stages"] = result.skipped
+                if case.get("status") != "exists":
+                    case.update(status="done", outputs=[str(p) for p in written], **monitor.usage.as_dict())
+                    case["stage_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
+                    case["skipped_stages"] = result.skipped
         case["warnings"] = collect.take()
         cases.append(case)
         if progress:
@@ -457,18 +526,41 @@ def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, c
     return cases
 
 
-def _finished(target: Path, image, case: dict) -> bool:
-    """Whether ``target`` is a finished label map of ``image`` (reads back whole with its shape and affine); a
-    file there that is not is redone, and ``case["redone"]`` says why."""
-    from .files import finished_output
-    from .images import image_geometry
+def _provenance(image, labels_options: dict, what: dict) -> dict:
+    """What a case's label map records of itself: the input (path and content hash), the options that decided
+    its labels and the other outputs written beside it."""
+    from .files import content_sha256
+
+    return {
+        "input": os.path.realpath(image), "input_sha256": content_sha256(image), "labels_options": labels_options,
+        "outputs": sorted(name for name, wanted in what.items() if wanted),
+    }
+
+
+def _finished(target: Path, provenance: dict, what: dict, case: dict) -> bool:
+    """Whether ``target`` is this tool's label map of the same input content with the same label options, and every
+    output asked for now was written beside it. Otherwise the case is redone and ``case["redone"]`` says why (a
+    file this tool did not write never gets here: :func:`refuse_foreign_outputs`)."""
+    from .files import output_provenance
+    from .outputs import case_outputs
 
     if not (target.exists() or target.is_symlink()):
         return False
-    try:
-        why = finished_output(target, image_geometry(image))
-    except InputError:  # the image itself is bad: the case runs and fails with its own message
-        return False
+    record, why = output_provenance(target)
+    if record is None:  # appeared since refuse_foreign_outputs looked
+        raise InputError(f"{target}: exists and {why}: --overwrite replaces it")
+    if why is None:
+        before, now = record.get("labels_options"), provenance["labels_options"]
+        if record.get("input_sha256") != provenance["input_sha256"]:
+            why = "its input has changed since"
+        elif before != now:
+            changed = [key for key in now if not isinstance(before, dict) or before.get(key) != now[key]]
+            why = f"it was made with other options ({', '.join(changed)})"
+        else:
+            missing = [p.name for p in case_outputs(target, **what) if not p.exists()]
+            missing += sorted(set(provenance["outputs"]) - set(record.get("outputs", [])))
+            if missing:
+                why = f"outputs asked for now are missing ({', '.join(dict.fromkeys(missing))})"
     if why is not None:
         case["redone"] = why
         logger.warning("%s: exists but %s: segmenting the case again", target, why)

@@ -86,7 +86,9 @@ def test_label_map_has_the_inputs_geometry_and_names(cli_run, phantom):
     names = json.loads((cli_run / "abdomen.json").read_text())
     assert names == {"0": "background", **{str(i): name for i, name in ORGANS.items()}}
     comments = [ext for ext in written.header.extensions if ext.get_code() == 6]
-    assert [json.loads(ext.get_content()) for ext in comments] == [names]
+    assert [json.loads(ext.get_content()) for ext in comments][0] == names
+    provenance = json.loads(comments[1].get_content())["flare_c2f_provenance"]  # what a rerun compares
+    assert provenance["input"] == str(phantom.resolve()) and len(provenance["labels_options"]["organs"]) == 13
     assert b"abdomen.json" in written.header["descrip"].item()
     itksnap = (cli_run / "abdomen.itksnap.txt").read_text().splitlines()
     assert all(any(line.split()[0] == str(i) and f'"{name}"' in line for line in itksnap) for i, name in ORGANS.items())
