@@ -163,32 +163,57 @@ class MissingFolderError(InputError, FileNotFoundError):
 
 
 GRID_TOLERANCE_MM = 0.01  # two affines closer than this everywhere are the same grid (float32 headers differ a bit)
+# the cascade's default max_voxels (1024x1024x512): no prediction of ours is larger, and a header claiming more is
+# refused before its voxels are read (a small gzipped file can claim gigabytes)
+MAX_LABEL_MAP_VOXELS = 1024 * 1024 * 512
+
+
+def _label_map_header(path: str | os.PathLike):
+    """``(image, 3D shape)`` of a NIfTI label map from its header alone; :class:`InputError` naming the file when
+    the header is unreadable, not 3D (a 4D file with one volume counts as 3D) or claims too many voxels."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        shape = tuple(int(n) for n in image.shape)
+    except Exception as error:  # nibabel raises several types for broken files
+        raise InputError(f"{path}: not a readable NIfTI label map ({type(error).__name__}: {error})") from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(f"{path}: a label map must be 3D, this one has shape {shape}")
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > MAX_LABEL_MAP_VOXELS:
+        raise InputError(
+            f"{path}: its header claims shape {shape}, {voxels} voxels, more than the limit of "
+            f"{MAX_LABEL_MAP_VOXELS} (1024x1024x512) for a label map: refused before reading it"
+        )
+    return image, shape
+
+
+def _label_map_voxels(path, image, shape: tuple[int, int, int]) -> np.ndarray:
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel and zlib raise several types for broken files
+        raise InputError(f"{path}: not a readable NIfTI label map ({type(error).__name__}: {error})") from None
+    data = data.reshape(shape)
+    if not np.issubdtype(data.dtype, np.integer):
+        data = np.rint(data)
+        data[~((data >= 0) & (data <= 255))] = 0  # also NaN
+        data = data.astype(np.uint8)
+    return data
 
 
 def load_label_map(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """Read a NIfTI label map: (integer array, voxel spacing in mm of the first 3 axes, affine).
 
     Float data are rounded to the nearest integer; values outside 0..255 become background (0). A file that cannot
-    be read whole, or that is not 3D (a 4D file with one volume counts as 3D), is an
-    :class:`~flare_c2f_extensions.errors.InputError` naming it.
+    be read whole, that is not 3D (a 4D file with one volume counts as 3D) or whose header claims more than
+    :data:`MAX_LABEL_MAP_VOXELS` voxels is an :class:`~flare_c2f_extensions.errors.InputError` naming it.
     """
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as error:  # nibabel and zlib raise several types for broken files
-        raise InputError(f"{path}: not a readable NIfTI label map ({type(error).__name__}: {error})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(f"{path}: a label map must be 3D, this one has shape {data.shape}")
-    if not np.issubdtype(data.dtype, np.integer):
-        data = np.rint(data)
-        data[~((data >= 0) & (data <= 255))] = 0  # also NaN
-        data = data.astype(np.uint8)
-    spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
-    return data, spacing, img.affine
+    image, shape = _label_map_header(path)
+    spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
+    return _label_map_voxels(path, image, shape), spacing, image.affine
 
 
 def unknown_labels(labels: np.ndarray) -> list[int]:
@@ -197,37 +222,47 @@ def unknown_labels(labels: np.ndarray) -> list[int]:
     return sorted(int(v) for v in np.unique(odd))
 
 
-def _on_gt_grid(pred, pred_affine, gt_shape, gt_affine, pred_path, gt_path) -> np.ndarray:
-    """``pred`` in the ground truth's array layout: as it is, or flipped/permuted when it is the same physical grid
-    stored another way; :class:`InputError` when it is another grid (it would need resampling, not scoring)."""
+def _grid_transform(pred_shape, pred_affine, gt_shape, gt_affine, pred_path, gt_path) -> np.ndarray | None:
+    """From the two headers: ``None`` when the prediction is stored on the ground truth's grid (or the same layout
+    and shape with another affine, which warns), the orientation transform that puts it there when it is the same
+    physical grid stored another way; :class:`InputError` when it is another grid (resampling, not scoring)."""
     import nibabel as nib
 
-    if pred.shape == tuple(gt_shape) and np.allclose(pred_affine, gt_affine, atol=GRID_TOLERANCE_MM, rtol=0):
-        return pred
+    pred_shape, gt_shape = tuple(pred_shape), tuple(gt_shape)
+    if pred_shape == gt_shape and np.allclose(pred_affine, gt_affine, atol=GRID_TOLERANCE_MM, rtol=0):
+        return None
     transform = nib.orientations.ornt_transform(
         nib.orientations.io_orientation(pred_affine), nib.orientations.io_orientation(gt_affine)
     )
-    moved_affine = pred_affine @ nib.orientations.inv_ornt_aff(transform, pred.shape)
-    moved_shape = tuple(pred.shape[int(axis)] for axis in np.argsort(transform[:, 0]))
+    moved_affine = pred_affine @ nib.orientations.inv_ornt_aff(transform, pred_shape)
+    moved_shape = tuple(pred_shape[int(axis)] for axis in np.argsort(transform[:, 0]))
     identity = np.array_equal(transform, [[0, 1], [1, 1], [2, 1]])
-    if not identity and moved_shape == tuple(gt_shape):
+    if not identity and moved_shape == gt_shape:
         if np.allclose(moved_affine, gt_affine, atol=GRID_TOLERANCE_MM, rtol=0):
             logger.info("%s: reoriented (axis flips/permutations) to the ground truth's layout %s", pred_path, gt_path)
-            return np.ascontiguousarray(nib.orientations.apply_orientation(pred, transform))
-    if identity and pred.shape == tuple(gt_shape):
+            return transform
+    if identity and pred_shape == gt_shape:
         # the same layout and shape, other spacing or origin: scored voxel by voxel, as FLARE22's evaluation does
-        warnings.warn(f"prediction {pred_path} and ground truth {gt_path} have different affines", stacklevel=3)
-        return pred
+        warnings.warn(f"prediction {pred_path} and ground truth {gt_path} have different affines", stacklevel=4)
+        return None
     raise InputError(
-        f"prediction {pred_path} has shape {pred.shape} but ground truth {gt_path} has shape {tuple(gt_shape)}, and "
+        f"prediction {pred_path} has shape {pred_shape} but ground truth {gt_path} has shape {gt_shape}, and "
         "no flip or permutation of its axes puts it on the ground truth's grid: resample it onto that grid first"
     )
 
 
 def _score_case(pred_path, gt_path, labels) -> tuple[dict[int, tuple[float, float]], dict]:
-    gt, spacing, gt_affine = load_label_map(gt_path)
-    pred, _, pred_affine = load_label_map(pred_path)
-    pred = _on_gt_grid(pred, pred_affine, gt.shape, gt_affine, pred_path, gt_path)
+    # both headers are checked against each other before any voxel is read
+    gt_image, gt_shape = _label_map_header(gt_path)
+    pred_image, pred_shape = _label_map_header(pred_path)
+    transform = _grid_transform(pred_shape, pred_image.affine, gt_shape, gt_image.affine, pred_path, gt_path)
+    gt = _label_map_voxels(gt_path, gt_image, gt_shape)
+    spacing = tuple(float(s) for s in gt_image.header.get_zooms()[:3])
+    pred = _label_map_voxels(pred_path, pred_image, pred_shape)
+    if transform is not None:
+        import nibabel as nib
+
+        pred = np.ascontiguousarray(nib.orientations.apply_orientation(pred, transform))
     notes = {}
     for role, array, path in (("pred", pred, pred_path), ("gt", gt, gt_path)):
         unknown = unknown_labels(array)

@@ -9,6 +9,7 @@ case unless something else is wrong with it.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from flare_c2f_extensions.discovery import case_name
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.images import image_geometry, read_ct
 from flare_c2f_extensions.labels import ORGANS
-from flare_c2f_extensions.metrics import evaluate_folder
+from flare_c2f_extensions.metrics import evaluate_case, evaluate_folder
 from flare_c2f_extensions.pseudo_label import pseudo_label
 
 from helpers import BUNDLES, REPO, TINY_STAGES, save
@@ -154,3 +155,48 @@ def test_evaluate_refuses_predictions_that_match_no_case(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "FLARE22_Tr_0002" in done.stdout
     assert json.loads((out / "summary.json").read_text())["missing_predictions"] == ["FLARE22_Tr_0002"]
+
+
+# -- item 12: headers compared before voxels are read ----------------------------------------------------------------
+
+
+def _header_only(path, shape, dtype):
+    """A gzipped NIfTI whose header claims ``shape`` of ``dtype`` but which holds almost no voxels."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(np.eye(4), 1)
+    header.set_sform(np.eye(4), 1)
+    header["vox_offset"] = 352
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 4096))
+    return path
+
+
+def test_evaluate_compares_headers_before_reading_voxels(tmp_path, monkeypatch):
+    """A 2 MB prediction claiming 1024x1024x512 float32 used to be inflated (4.6 GB) before the shapes were
+    compared; now the headers decide, and the voxels a header may claim are bounded."""
+    from nibabel.arrayproxy import ArrayProxy
+
+    gt = _label_map(tmp_path / "case.nii.gz")
+    claims_big = _header_only(tmp_path / "claims_big.nii.gz", (1024, 1024, 512), np.float32)
+    too_many = _header_only(tmp_path / "too_many.nii.gz", (2048, 1024, 512), np.uint8)
+    forbidden, read = {str(claims_big), str(too_many)}, ArrayProxy._get_scaled
+
+    def guarded(self, *args, **kwargs):
+        if str(self.file_like) in forbidden:
+            raise AssertionError(f"the voxels of {self.file_like} were read")
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrayProxy, "_get_scaled", guarded)
+    with pytest.raises(InputError, match=r"claims_big.*\(1024, 1024, 512\).*\(16, 16, 8\)"):
+        evaluate_case(claims_big, gt)
+    with pytest.raises(InputError, match=r"too_many.*1073741824 voxels, more than"):
+        evaluate_case(gt, too_many)
+    assert evaluate_case(gt, gt)[1] == (1.0, 1.0)  # voxels of matching headers are read as before
+    # in a folder run it is one failed case, with its reason
+    for folder, source in (("pred", claims_big), ("gt", gt)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "case.nii.gz").write_bytes(source.read_bytes())
+    forbidden.add(str(tmp_path / "pred" / "case.nii.gz"))
+    summary = evaluate_folder(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "out"))
+    assert "(1024, 1024, 512)" in summary["failed_cases"]["case"]
