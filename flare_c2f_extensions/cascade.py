@@ -74,12 +74,22 @@ logger = logging.getLogger(__name__)
 MAX_CASE_VOXELS = 1024 * 1024 * 512
 
 
+# The fewest voxels along any axis of an image the cascade segments: fewer is a slice, a scout or a thumbnail, not
+# an abdominal CT volume (the smallest CT the tests segment has 8 slices; a 3 mm abdomen has over 60).
+MIN_AXIS_VOXELS = 8
+
+
 def check_voxel_count(path: str | os.PathLike, limit: int | None) -> None:
-    """Refuse an input with more than ``limit`` voxels from its header (NIfTI header or DICOM headers), before any
-    voxel is read or memory allocated."""
+    """Refuse an input with more than ``limit`` voxels, or fewer than :data:`MIN_AXIS_VOXELS` along an axis, from its
+    header (NIfTI header or DICOM headers), before any voxel is read or memory allocated."""
+    shape = image_geometry(path).shape
+    if min(shape) < MIN_AXIS_VOXELS:
+        raise InputError(
+            f"{path}: {shape[0]}x{shape[1]}x{shape[2]} voxels is too small for a CT volume (at least "
+            f"{MIN_AXIS_VOXELS} along every axis): a single slice or a 2D image cannot be segmented"
+        )
     if limit is None:
         return
-    shape = image_geometry(path).shape
     count = int(np.prod(shape, dtype=np.int64))
     if count > limit:
         raise InputError(

@@ -264,7 +264,10 @@ def _dicom_voxels(slices, shape) -> np.ndarray:
             raise InputError(f"{path}: cannot decode the DICOM pixel data ({error})") from None
         if pixels.shape != (shape[1], shape[0]):
             raise InputError(f"{path}: pixel data of shape {pixels.shape}, expected {(shape[1], shape[0])}")
-        slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
+        slope = dataset.get("RescaleSlope", 1.0)
+        slope = 1.0 if slope in (None, "") else float(slope)
+        if slope == 0:
+            raise InputError(f"{path}: RescaleSlope is 0: every voxel would be the same value, the intercept")
         intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
         data[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
     return data

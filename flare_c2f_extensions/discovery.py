@@ -134,9 +134,25 @@ def _scan(folder: Path, exclude: Sequence[str | os.PathLike] = ()) -> tuple[list
             _ignore(ignored, entry, "not a NIfTI file (.nii, .nii.gz; any case) nor a DICOM file")
     if loose_dicom and not images:  # the folder is itself one series
         return [(folder, None)], ignored
+    images = _distinct(images, folder, ignored)
     for path in loose_dicom:
         _ignore(ignored, path, "a DICOM file beside other images: put each series in a folder of its own")
     return images, ignored
+
+
+def _distinct(images: list[tuple[Path, str | None]], folder: Path, ignored: list) -> list[tuple[Path, str | None]]:
+    """Each image once, by where its links lead (a link to a series, or a link loop back up the tree, would
+    segment the same series again under another name); the first by name is kept, the others ignored with why."""
+    seen: dict[str, Path] = {}
+    distinct = []
+    for path, name in images:
+        real = os.path.realpath(path)
+        if real in seen:
+            _ignore(ignored, path, f"the same image as {seen[real]} (reached through a symbolic link)")
+        else:
+            seen[real] = path
+            distinct.append((path, name))
+    return distinct
 
 
 def find_images(

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -122,6 +123,7 @@ def _write_memo(memo: Path, content: dict) -> None:
         handle, tmp = tempfile.mkstemp(prefix=f".{memo.name}.", dir=memo.parent)
         with os.fdopen(handle, "w") as file:
             json.dump(content, file)
+        _shared_mode(Path(tmp), folder=False)
         os.replace(tmp, memo)
     except OSError as error:  # a read-only cache: hash every time
         logger.debug("could not remember a checkpoint hash in %s (%s)", memo, error)
@@ -167,6 +169,9 @@ class OpenVINOEngine:
     def __init__(self, compiled):
         self._compiled = compiled
         self._request = None
+        # one infer request runs one call at a time ("Infer Request is busy"): callers on other threads wait their
+        # turn; each call uses every inference thread anyway
+        self._lock = threading.Lock()
 
     @property
     def compiled(self):
@@ -175,17 +180,19 @@ class OpenVINOEngine:
         return self._compiled
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._request is None:
-            self._request = self.compiled.create_infer_request()
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        result = self._request.infer({0: array}, share_inputs=True)
-        return torch.from_numpy(next(iter(result.values())).copy())
+        with self._lock:
+            if self._request is None:
+                self._request = self.compiled.create_infer_request()
+            result = self._request.infer({0: array}, share_inputs=True)
+            return torch.from_numpy(next(iter(result.values())).copy())
 
 
 def _compile_config(amp: bool, blob_cache: bool) -> dict:
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
-    if blob_cache:  # only for cached IRs: a random-weight model's blob would pile up in the cache
-        config["CACHE_DIR"] = str(cache_root() / "openvino" / "compiled")
+    blobs = cache_root() / "openvino" / "compiled"
+    if blob_cache and _writable_folder(blobs):  # only for cached IRs: a random-weight model's blob would pile up
+        config["CACHE_DIR"] = str(blobs)
     if not amp:
         config["INFERENCE_PRECISION_HINT"] = "f32"
     return config
@@ -220,21 +227,42 @@ def cached_openvino_ir(key: str | None) -> Path | None:
     return xml if xml.is_file() and xml.with_suffix(".bin").is_file() else None
 
 
+def _writable_folder(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be made, and files can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _shared_mode(path: Path, folder: bool) -> None:
+    """The permissions a new file or folder gets under the umask (``mkdtemp``/``mkstemp`` make them private)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+
+
 def _save_ir(model, key: str) -> None:
-    """Write the IR atomically: a temporary folder renamed into place (another process may race us)."""
+    """Write the IR atomically: a temporary folder renamed into place (another process may race us). A cache that
+    cannot be written (read-only, full, not a folder) leaves the model uncached, with a warning."""
     import openvino
 
-    final = cache_root() / "openvino" / key
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    final, tmp = cache_root() / "openvino" / key, None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
         openvino.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        _shared_mode(tmp, folder=True)
+        for file in tmp.iterdir():
+            _shared_mode(file, folder=False)
         os.replace(tmp, final)
-    except OSError as error:  # a read-only cache or a concurrent writer: run without caching
+    except (OSError, RuntimeError) as error:  # RuntimeError: OpenVINO's own failure to write
         if not cached_openvino_ir(key):
-            logger.warning("could not cache the OpenVINO model in %s (%s)", final, error)
+            logger.warning("could not cache the OpenVINO model in %s (%s): it runs uncached", final, error)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -104,6 +104,8 @@ def image_geometry(path: str | os.PathLike, what: str = "image") -> Geometry:
     shape = check_shape(path, shape, what)
     if nifti.get_data_dtype().fields is not None:  # RGB24 / RGBA32: one record of channels per voxel
         raise InputError(f"{path}: a colour (RGB) {what}, not a CT: a CT holds one intensity per voxel")
+    if nifti.get_data_dtype().kind == "c":
+        raise InputError(f"{path}: a complex-valued {what} ({nifti.get_data_dtype()}), not a CT: a CT holds real HU")
     _check_size(path, nifti, shape, what)
     # NIfTI-2 and friends: keep the geometry, write a fresh NIfTI-1 header
     header = nifti.header if type(nifti.header) is nib.Nifti1Header else nib.Nifti1Header()

@@ -19,6 +19,7 @@ written, the label map last: a failure leaves the previous files (or none) and n
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -185,13 +186,33 @@ def write_case(
     ``provenance``: what the label map's header records of its input and options (:func:`named_label_image`)."""
     target = Path(target)
     stem = stem_of(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=target.parent))
+    remove_abandoned_staging(target.parent, stem)
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-{os.getpid()}-", dir=target.parent))
     try:
         names = _write_staged(labels, image_path, staging, target.name, stem, organs, per_organ, dicom_seg,
                               statistics, preview, provenance)
         return _move_into_place(staging, target.parent, names)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_abandoned_staging(folder: Path, stem: str) -> None:
+    """Remove the staging folders of ``stem`` that a killed run left (SIGKILL runs no clean-up): those whose process
+    (the pid in the name) no longer exists. A live process's folder is left alone."""
+    for staging in folder.glob(f".{glob.escape(stem)}.partial-*"):
+        pid = staging.name[len(f".{stem}.partial-"):].split("-")[0]
+        if staging.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but belongs to someone else
+        return True
+    return True
 
 
 def _write_staged(labels, image_path, staging: Path, label_name: str, stem: str, organs, per_organ, dicom_seg,

@@ -226,7 +226,13 @@ class Segmenter:
 
     def __call__(self, image, statistics: bool = False):
         with _as_path(image) as path:
-            labels, _ = self.labels(path)
+            try:
+                labels, _ = self.labels(path)
+            except InputError as error:
+                if path == str(image):
+                    raise
+                # the temporary file is gone when the caller reads this: name what they passed
+                raise InputError(str(error).replace(path, "the nibabel image given")) from None
             result = label_map_image(labels, path)
             if not statistics:
                 return result
@@ -289,6 +295,8 @@ def resolve_inputs(source, output=None) -> tuple[list[tuple[str, str]], list[dic
     path = Path(str(source)).expanduser()
     if not path.exists():
         raise InputError(f"{path}: input does not exist")
+    if not path.is_file() and not path.is_dir():
+        raise InputError(f"{path}: not a file or a folder (a pipe, socket or device); -i takes a NIfTI file or folder")
     if path.is_file():
         if not is_nifti(path):
             raise InputError(f"{path}: not a NIfTI file (.nii, .nii.gz) or a DICOM series folder")

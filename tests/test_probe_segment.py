@@ -148,3 +148,189 @@ def test_a_rerun_with_other_options_or_a_changed_input_redoes_the_case(phantom, 
     case = report_of(out)["cases"][0]
     assert case["status"] == "done" and "input has changed" in case["redone"]
     assert nib.load(str(out / "a.nii.gz")).shape == nib.load(str(image)).shape
+
+
+# -- 9. an unwritable or shared OpenVINO cache -----------------------------------------------------------------------
+
+
+def _coarse_with_weights(tmp_path: Path):
+    import torch
+
+    from flare_c2f_extensions.networks import ResUNetASPP
+    from flare_c2f_extensions.stages import load_stage
+
+    from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID
+
+    checkpoint = tmp_path / "stage" / "models" / "model.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(ResUNetASPP(out_channels=14, channels=TINY_CHANNELS).state_dict(), checkpoint)
+    overrides = {"bundle_root": str(tmp_path / "stage"), "spatial_size": TINY_GRID,
+                 "network_def#channels": TINY_CHANNELS}
+    return load_stage("coarse", BUNDLES / "flare22_coarse", "cpu", overrides, engine="openvino", amp=False)
+
+
+def test_an_unwritable_openvino_cache_runs_uncached_and_a_written_one_is_shared(tmp_path, monkeypatch, caplog):
+    import stat
+
+    import torch
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FLARE_C2F_CACHE", str(blocker / "cache"))  # mkdir fails as under a read-only $HOME
+    stage = _coarse_with_weights(tmp_path / "one")
+    assert stage.engine.name == "openvino" and "runs uncached" in caplog.text
+    assert stage.predict(torch.rand(1, 32, 32, 32), False).shape[1] == 14
+
+    monkeypatch.setenv("FLARE_C2F_CACHE", str(tmp_path / "shared"))
+    _coarse_with_weights(tmp_path / "two")
+    written = [p for p in (tmp_path / "shared").rglob("*") if not p.name.startswith(".write-test")]
+    assert any(p.name == "model.xml" for p in written)
+    for path in written:  # readable by the other users of a shared cache (umask 022 in the tests)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044, f"{path} has mode {oct(mode)}"
+
+
+# -- 10. one Segmenter from several threads with OpenVINO ------------------------------------------------------------
+
+
+def test_one_openvino_segmenter_called_from_four_threads(phantom):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flare_c2f_extensions.segmenter import Segmenter
+
+    segmenter = Segmenter(organs="liver", require_weights=False, engine="openvino", stage_overrides=TINY_STAGES)
+    assert segmenter.cascade.coarse.engine.name == "openvino"
+    alone = np.asarray(segmenter(str(phantom)).dataobj)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda _: np.asarray(segmenter(str(phantom)).dataobj), range(8)))
+    assert all(np.array_equal(labels, alone) for labels in together)
+
+    import torch  # the networks alone, many calls at once: tiny ones finish before a whole case can overlap
+
+    engine, x = segmenter.cascade.coarse.engine, torch.rand(1, 1, 32, 32, 32)
+    expected = engine(x)
+    with ThreadPoolExecutor(4) as pool:
+        logits = list(pool.map(lambda _: engine(x), range(200)))
+    assert all(torch.equal(result, expected) for result in logits)
+
+
+# -- 15. the small items ---------------------------------------------------------------------------------------------
+
+
+def test_images_too_small_or_not_ct_are_refused_with_their_size(tmp_path):
+    import flare_c2f_extensions as fce
+    from flare_c2f_extensions.errors import InputError
+    from flare_c2f_extensions.images import check_volume
+
+    options = dict(require_weights=False, stage_overrides=TINY_STAGES, engine="torch", organs="liver")
+    for shape in ((48, 48, 1), (4, 4, 4), (1, 1, 1), (48, 1, 32)):
+        path = tmp_path / f"small_{'x'.join(map(str, shape))}.nii.gz"
+        nib.save(nib.Nifti1Image(np.full(shape, -500, np.int16), np.eye(4)), str(path))
+        with pytest.raises(InputError, match="too small for a CT volume") as error:
+            fce.segment(str(path), **options)
+        assert str(path) in str(error.value) and "x".join(map(str, shape)) in str(error.value)
+    with pytest.raises(InputError, match="nibabel image given") as error:  # not the temporary file's name
+        fce.segment(nib.Nifti1Image(np.full((4, 4, 4), -500, np.int16), np.eye(4)), **options)
+    assert "flare-c2f-" not in str(error.value)
+
+    complex_path = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.complex64), np.eye(4)), str(complex_path))
+    with pytest.raises(InputError, match="complex-valued"):
+        check_volume(complex_path)
+
+
+def test_dicom_rescale_slope_zero_is_refused(phantom, tmp_path):
+    import pydicom
+
+    from flare_c2f_extensions.errors import InputError
+    from flare_c2f_extensions.images import read_voxels
+
+    series = write_dicom_series(nib.load(str(phantom)), tmp_path / "series")
+    first = sorted(series.iterdir())[0]
+    dataset = pydicom.dcmread(str(first))
+    dataset.RescaleSlope = 0
+    dataset.save_as(str(first))
+    with pytest.raises(InputError, match="RescaleSlope is 0") as error:
+        read_voxels(series)
+    assert first.name in str(error.value)
+
+
+def test_links_pipes_and_a_case_named_like_the_report(phantom, tmp_path):
+    import os
+
+    from flare_c2f_extensions.discovery import find_images
+    from flare_c2f_extensions.errors import InputError
+    from flare_c2f_extensions.segmenter import resolve_inputs
+
+    inputs = tmp_path / "in"
+    write_dicom_series(nib.load(str(phantom)), inputs / "a")
+    os.symlink("..", inputs / "loop")  # a link back up the tree
+    os.symlink("a", inputs / "same")
+    found = find_images(inputs, subdir="")
+    assert [item["image"] for item in found] == [str(inputs / "a")]
+    assert sum("same image as" in entry["reason"] for entry in found.ignored) == 2
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(InputError, match="not a file or a folder"):
+        resolve_inputs(pipe)
+
+    cts, out = tmp_path / "cts", tmp_path / "out"
+    cts.mkdir()
+    shutil.copy(phantom, cts / "segment_report_0000.nii.gz")
+    main(["segment", "-i", str(cts), "-o", str(out), "--organs", "liver", *RANDOM])
+    assert json.loads((out / "segment_report.json").read_text())["1"] == "liver"  # the case's names
+    assert json.loads((out / "segment_report_run.json").read_text())["cases"][0]["status"] == "done"
+
+
+def test_abandoned_staging_folders_are_removed_and_a_live_one_kept(phantom, tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    (out / ".a.partial-999999999-x").mkdir(parents=True)  # a killed run's (no such process)
+    (out / f".a.partial-{os.getpid()}-y").mkdir()  # a live run's
+    main(["segment", "-i", str(phantom), "-o", str(out), "--organs", "liver", *RANDOM])
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [f".a.partial-{os.getpid()}-y"]
+
+
+INTERRUPTED_RUN = """
+import sys, time
+from pathlib import Path
+import flare_c2f_extensions.outputs as outputs
+from flare_c2f_extensions.__main__ import console
+
+def stall(labels, image_path, staging, *args):
+    (staging / "half_written").write_text("")
+    Path(sys.argv[1]).write_text(str(staging))
+    time.sleep(300)
+
+outputs._write_staged = stall
+console(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_and_sigterm_end_in_one_line_and_leave_nothing_partial(phantom, tmp_path, signal_name, status):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    marker, out = tmp_path / "staging_at", tmp_path / "out"
+    command = [sys.executable, "-c", INTERRUPTED_RUN, str(marker), "segment", "-i", str(phantom), "-o", str(out),
+               "--organs", "liver", *RANDOM]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), process.communicate()[1]
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not Path(marker.read_text()).exists() and not list(out.glob("a*"))
