@@ -12,10 +12,10 @@ Weights (everything in ``models/``) go either inside the zip (``weights="inside"
 
 ``verify_release`` checks a zip before anything is extracted: its sha256 (given, or from the sidecar), that it is a
 readable zip whose every entry passes its CRC, that every entry lies inside ``<name>/`` (no absolute paths, no
-``..``, no symbolic links, no duplicates, no two names that differ only in case, which collide on case-insensitive file
-systems), that it inflates to at most :data:`MAX_INFLATE_RATIO` times its size and at most :data:`MAX_INFLATED_BYTES`
-(checked from the entries' declared sizes, which extraction cannot exceed, before anything is inflated), and that
-the metadata's version is the one in the file name.
+``..``, every name in normal form, no symbolic links, no duplicates, no two names that differ only in case, which
+collide on case-insensitive file systems), that it inflates to at most :data:`MAX_INFLATE_RATIO` times its size and
+at most :data:`MAX_INFLATED_BYTES` (checked from the entries' declared sizes, which extraction cannot exceed, before
+anything is inflated), and that the metadata's version is the one in the file name.
 ``download_release`` downloads, verifies, fetches the large files (hash-checked) and only then moves the bundle into
 place, so a failed or tampered download leaves nothing behind.
 """
@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import stat
@@ -261,6 +262,8 @@ def pack(
 
 
 def _check_entry(arcname: str, info: zipfile.ZipInfo, name: str, zip_path: Path) -> None:
+    """Refuse an entry that is not a plain file or folder inside ``<name>/`` written in normal form: every name an
+    extractor could write elsewhere, or that could land on the same file as another entry (``a/./b`` is ``a/b``)."""
     def refuse(why: str):
         raise ReleaseError(f"{zip_path}: refused: entry {arcname!r} {why}; do not extract this file")
 
@@ -269,8 +272,11 @@ def _check_entry(arcname: str, info: zipfile.ZipInfo, name: str, zip_path: Path)
     path = PurePosixPath(arcname)
     if path.is_absolute() or re.match(r"^[A-Za-z]:", arcname):
         refuse("is an absolute path (it would be written outside the bundle folder)")
-    if ".." in path.parts:
+    segments = arcname[:-1].split("/") if arcname.endswith("/") else arcname.split("/")  # a folder ends in one '/'
+    if ".." in segments:
         refuse("contains '..' (it would be written outside the bundle folder)")
+    if "." in segments or "" in segments or posixpath.normpath(arcname) != arcname.rstrip("/"):
+        refuse("is not in normal form ('.' or empty segments: it could name the same file as another entry)")
     if not path.parts or path.parts[0] != name:
         refuse(f"is outside the bundle's single top-level folder {name + '/'!r}")
     if stat.S_ISLNK(info.external_attr >> 16):
@@ -390,7 +396,7 @@ def _check_entries(infos, name: str, zip_path: Path) -> set[str]:
     folded: dict[str, str] = {}
     for info in infos:
         _check_entry(info.filename, info, name, zip_path)
-        key = info.filename.rstrip("/")
+        key = posixpath.normpath(info.filename)
         if key in seen:
             raise ReleaseError(f"{zip_path}: refused: entry {info.filename!r} appears twice")
         seen.add(key)

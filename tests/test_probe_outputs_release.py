@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import nibabel as nib
 import numpy as np
@@ -27,6 +28,7 @@ from flare_c2f_extensions.images import image_geometry, read_ct
 from flare_c2f_extensions.labels import ORGANS
 from flare_c2f_extensions.metrics import evaluate_case, evaluate_folder
 from flare_c2f_extensions.pseudo_label import pseudo_label
+from flare_c2f_extensions.release import ReleaseError, verify_release
 
 from helpers import BUNDLES, REPO, TINY_STAGES, save
 
@@ -200,3 +202,40 @@ def test_evaluate_compares_headers_before_reading_voxels(tmp_path, monkeypatch):
     forbidden.add(str(tmp_path / "pred" / "case.nii.gz"))
     summary = evaluate_folder(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "out"))
     assert "(1024, 1024, 512)" in summary["failed_cases"]["case"]
+
+
+# -- item 14: entry names in normal form only ------------------------------------------------------------------------
+
+
+def _release_zip(path, entries):
+    with zipfile.ZipFile(path, "w") as archive:
+        for entry, data in entries:
+            archive.writestr(zipfile.ZipInfo(entry), data)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_verify_release_refuses_entry_names_not_in_normal_form(tmp_path):
+    """``flare22_coarse/./configs/metadata.json`` (version 6.6.6) beside the real one used to pass verification."""
+    meta = "flare22_coarse/configs/metadata.json"
+    genuine = (meta, json.dumps({"version": COARSE_VERSION}))
+    zip_name = f"flare22_coarse_v{COARSE_VERSION}.zip"
+    (tmp_path / "good").mkdir()
+    good, digest = _release_zip(tmp_path / "good" / zip_name, [genuine, ("flare22_coarse/configs/", b"")])
+    assert verify_release(good, digest)["version"] == COARSE_VERSION
+    forged_entries = [
+        "flare22_coarse/./configs/metadata.json",
+        "./flare22_coarse/configs/inference.json",
+        "flare22_coarse//configs/inference.json",
+        "flare22_coarse/configs/.",
+        "flare22_coarse/configs/x/../inference.json",
+        "flare22_coarse/configs\\inference.json",
+        "/flare22_coarse/configs/inference.json",
+        "C:flare22_coarse/configs/inference.json",
+    ]
+    forged_meta = json.dumps({"version": "6.6.6"})
+    for i, entry in enumerate(forged_entries):
+        (tmp_path / str(i)).mkdir()
+        forged, digest = _release_zip(tmp_path / str(i) / zip_name, [genuine, (entry, forged_meta)])
+        with pytest.raises(ReleaseError) as info:
+            verify_release(forged, digest)
+        assert str(forged) in str(info.value) and repr(entry) in str(info.value), (entry, str(info.value))
