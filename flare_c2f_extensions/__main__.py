@@ -60,11 +60,15 @@ def train(
     on the last ``num_val`` labelled cases. ``--override "solid#learning_rate=0.001"`` (repeatable; no stage
     prefix: every stage) or ``--override overrides.yaml`` ({stage: {key: value}}). Rerunning resumes.
     Several GPUs: ``torchrun --nproc_per_node=N -m flare_c2f_extensions train ...``."""
+    from .errors import InputError
     from .train import train_cascade
 
     stages = ",".join(stages) if isinstance(stages, (list, tuple)) else stages
     overrides = list(override) if isinstance(override, (list, tuple)) else override
-    train_cascade(dataset_dir, out, stages, epochs, device, overrides, num_val, evaluate)
+    try:
+        train_cascade(dataset_dir, out, stages, epochs, device, overrides, num_val, evaluate)
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def sample_ct(out: str, cache: str | None = None):

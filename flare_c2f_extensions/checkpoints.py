@@ -7,8 +7,9 @@ deletes the old file before writing the new one, so a kill at the wrong moment l
 :class:`TrainState` is the resumable part of a training: model, optimizer, learning-rate scheduler, the trainer's
 epoch and iteration (ignite state) and the best-model saver's record of the best metric so far, saved after every
 epoch (``train_state_checkpoint_epoch=N.pt``, the previous one removed once the new one is in place) and, with
-``resume=True``, loaded back when the trainer starts (MONAI's ``CheckpointLoader``), so the run continues with the
-epoch after the saved one.
+``resume=True``, loaded back when the trainer starts (as MONAI's ``CheckpointLoader`` does), so the run continues
+with the epoch after the saved one. A saved state that does not fit (the network's widths or the optimizer changed
+since, or an epoch past this run's last) stops the run with an :class:`InputError` naming its folder.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import os
 import re
 from pathlib import Path
 
-from ignite.engine import Engine
-from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointLoader, CheckpointSaver
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointSaver
+
+from .errors import InputError
 
 __all__ = ["AtomicCheckpointSaver", "TrainState", "latest_state"]
 
@@ -107,7 +111,7 @@ class TrainState:
         everything = {**self.objects, "trainer": engine}
         state = latest_state(self.state_dir) if self.resume else None
         if state is not None:
-            CheckpointLoader(str(state), everything, map_location=self.map_location).attach(engine)
+            engine.add_event_handler(Events.STARTED, self._load, state, everything)
         if self.save_interval > 0:
             saver = AtomicCheckpointSaver(
                 self.state_dir, everything, file_prefix=STATE_PREFIX, save_interval=self.save_interval, n_saved=1
@@ -115,3 +119,32 @@ class TrainState:
             # earlier runs' state files go once this run has saved its first one
             saver._interval_checkpoint.save_handler._pending = [p.name for p in _state_files(self.state_dir)]
             saver.attach(engine)
+
+    def _load(self, engine: Engine, state: Path, everything: dict) -> None:
+        """MONAI's ``CheckpointLoader``, with a state that does not fit this run reported as an :class:`InputError`
+        that says what to do."""
+        checkpoint = torch.load(state, map_location=self.map_location, weights_only=True)
+        max_epochs = engine.state.max_epochs  # this run's; loading the trainer's state replaces it
+        try:
+            Checkpoint.load_objects(to_load=everything, checkpoint=checkpoint, strict=True)
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise InputError(
+                f"{self.state_dir}: the saved training state ({state.name}) does not fit this stage's network or "
+                f"optimizer ({_first_reason(error)}); delete {self.state_dir} to train the stage afresh, or resume "
+                "with the settings it was saved with"
+            ) from error
+        if max_epochs is not None and engine.state.epoch > max_epochs:
+            raise InputError(
+                f"{self.state_dir}: the saved training state is at epoch {engine.state.epoch}, past this run's "
+                f"max_epochs {max_epochs}; train for more epochs, or delete {self.state_dir} to train the stage afresh"
+            )
+        engine.state.max_epochs = max_epochs
+
+
+def _first_reason(error: BaseException) -> str:
+    """The first line of a load error that says what differs (torch lists every mismatched tensor, one a line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    more = len(lines) - 2
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return lines[1].rstrip(".") + (f", and {more} more" if more > 0 else "")
+    return lines[0]

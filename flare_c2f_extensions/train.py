@@ -3,8 +3,9 @@
 ``train_cascade(dataset_dir, out)`` (``flare-c2f train --dataset_dir D --out DIR``):
 
 1. decodes every labelled case once into ``DIR/cache/data`` (FLARE layout, reoriented to RAS, HU clipped to the
-   stages' [-100, 300] window, uncompressed NIfTI: int16 for integer HU, which loses nothing, uint8 labels);
-   every stage then reads those files instead of re-inflating the gzipped originals;
+   stages' [-100, 300] window, uncompressed NIfTI: int16 for integer HU, which loses nothing, uint8 labels checked
+   to be FLARE ids); every stage then reads those files instead of re-inflating the gzipped originals. A cached
+   case is keyed by its sources' sha256 (``DIR/cache/data/sources/<case>.json``), never by file times;
 2. copies each stage bundle's configs, docs and LICENSE to ``DIR/<bundle>/`` and trains the stage there
    (``bundle_root=DIR/<bundle>``) with the bundle's defaults (the paper's recipe) plus the overrides given;
    ``models/`` receives the weights, ``logs/train_<stage>.log`` the detailed log;
@@ -31,14 +32,17 @@ import nibabel as nib
 import numpy as np
 
 from .discovery import case_name, labelled_cases, split_cases
-from .errors import InputError
+from .engines import HASH_MEMO_MARGIN_S, file_sha256
+from .errors import InputError, input_error_in
 from .files import write_nifti_atomic, write_text_atomic
 from .images import HU_RANGE, read_ct
 from .labels import GROUPS, ORGANS
 from .paths import BUNDLES_DIR, STAGE_BUNDLES
 from .train_logging import _EpochProgress, _FileLog
 
-__all__ = ["STAGES", "train_cascade", "parse_overrides", "select_stages", "prepare_cache", "StagePlan"]
+__all__ = [
+    "STAGES", "train_cascade", "parse_overrides", "select_stages", "prepare_cache", "flare_labels", "StagePlan",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -153,50 +157,152 @@ def stage_overrides(stage: StagePlan, overrides: Mapping[str, Mapping]) -> dict:
 # -- the decoded-once cache ------------------------------------------------------------------------------------
 
 
+# the cache's layout and decoding: a record of another format is not trusted, its case is decoded again
+CACHE_FORMAT = 2
+HIGHEST_ID = max(ORGANS)  # FLARE ids are 0 (background) .. 13, without gaps
+WHOLE_NUMBER_TOLERANCE = 1e-3  # a float label this close to a whole number is that number (rounded, not truncated)
+
+
 def _cached_pair(cache: Path, case: str) -> tuple[Path, Path]:
     return cache / "imagesTr" / f"{case}_0000.nii", cache / "labelsTr" / f"{case}.nii"
 
 
-def _is_fresh(target: Path, source: Path) -> bool:
-    return target.is_file() and target.stat().st_mtime >= source.stat().st_mtime
+def _record_path(cache: Path, case: str) -> Path:
+    """The sources' sha256 the cached pair was decoded from (the pair counts only while they are the same)."""
+    return cache / "sources" / f"{case}.json"
 
 
-def cache_case(image: str | os.PathLike, label: str | os.PathLike, cache: Path) -> bool:
-    """Decode one labelled case into ``cache`` (RAS, HU clipped to the window, uncompressed); ``False`` if the
-    cached files are already there and newer than the sources."""
-    image, label = Path(image), Path(label)
-    image_out, label_out = _cached_pair(cache, case_name(image))
-    if _is_fresh(image_out, image) and _is_fresh(label_out, label):
-        return False
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _source_hash(path: Path, remembered) -> dict:
+    """``{"sha256", "identity"}`` of a source file. The remembered hash is reused while the file's identity
+    (device, inode, size, mtime and ctime) is the one it was hashed with: any rewrite, even one that restores an
+    older mtime (``cp -p``, ``rsync -a``), changes the ctime and the file is hashed again."""
+    stat = path.stat()
+    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    if isinstance(remembered, dict) and remembered.get("identity") == identity and remembered.get("sha256"):
+        return {"sha256": remembered["sha256"], "identity": identity}
+    started_ns = time.time_ns()
+    digest = file_sha256(path)
+    # a file changed within the clock's tick of being hashed could keep its stamps: its hash is not remembered
+    settled = started_ns - max(stat.st_mtime_ns, stat.st_ctime_ns) >= HASH_MEMO_MARGIN_S * 1e9
+    return {"sha256": digest, "identity": identity if settled else None}
+
+
+def _sources_record(image: Path, label: Path, recorded: dict) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "image": _source_hash(image, recorded.get("image")),
+        "label": _source_hash(label, recorded.get("label")),
+    }
+
+
+def _same_sources(current: dict, recorded: dict) -> bool:
+    return recorded.get("format") == current["format"] and all(
+        isinstance(recorded.get(key), dict) and recorded[key].get("sha256") == current[key]["sha256"]
+        for key in ("image", "label")
+    )
+
+
+def flare_labels(voxels: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """``voxels`` as uint8 FLARE ids: whole numbers in 0..13 (floats within ``WHOLE_NUMBER_TOLERANCE`` of one are
+    rounded); anything else is an :class:`InputError` naming ``path`` and the problem."""
+    if voxels.dtype.kind == "f":
+        if not np.isfinite(voxels).all():
+            raise InputError(f"{path}: holds NaN or infinite values, not FLARE ids 0-{HIGHEST_ID}")
+        whole = np.rint(voxels)
+        off = np.abs(voxels - whole) >= WHOLE_NUMBER_TOLERANCE
+        if off.any():
+            raise InputError(
+                f"{path}: holds values that are not whole numbers (e.g. {voxels[off][0]:g}), not FLARE ids "
+                f"0-{HIGHEST_ID}"
+            )
+        voxels = whole
+    low, high = voxels.min(), voxels.max()
+    if low < 0 or high > HIGHEST_ID:
+        ct = low <= -100 or high > 255  # beyond any label map's values: HU
+        raise InputError(
+            f"{path}: holds values outside the FLARE ids 0-{HIGHEST_ID} ({low:g} .. {high:g})"
+            + (": is it a CT?" if ct else "")
+        )
+    return voxels.astype(np.uint8)
+
+
+def _decoded_ct(image: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The CT in RAS, HU clipped to the window, as int16 when its HU are integers (every scanner's); its affine."""
     scaled, _ = read_ct(image)  # RAS, clipped to the window, scaled to [0, 1]
-    affine = scaled.affine.numpy()
     low, high = HU_RANGE
     hu = scaled[0].numpy() * (high - low) + low
     rounded = np.round(hu)
-    # integer HU (every CT scanner's) fit int16 exactly; anything else keeps float32
     voxels = rounded.astype(np.int16) if np.abs(hu - rounded).max() < 1e-2 else hu.astype(np.float32)
+    return voxels, scaled.affine.numpy()
+
+
+def _ras_labels(label: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The label map in RAS as checked FLARE ids, and its affine."""
     labels = nib.load(str(label))
     ornt = nib.orientations.io_orientation(labels.affine)
-    ras = nib.orientations.apply_orientation(np.asarray(labels.dataobj), ornt)
-    if ras.shape != voxels.shape or not np.allclose(labels.affine @ nib.orientations.inv_ornt_aff(ornt, labels.shape),
-                                                    affine, atol=1e-3):
+    ras = nib.orientations.apply_orientation(flare_labels(np.asarray(labels.dataobj), label), ornt)
+    return ras, labels.affine @ nib.orientations.inv_ornt_aff(ornt, labels.shape)
+
+
+def cache_case(image: str | os.PathLike, label: str | os.PathLike, cache: Path) -> bool:
+    """Decode one labelled case into ``cache`` (RAS, HU clipped to the window, uncompressed, labels checked as FLARE
+    ids); ``False`` if the cached pair is already there, decoded from sources of the same content (sha256)."""
+    image, label = Path(image), Path(label)
+    case = case_name(image)
+    image_out, label_out = _cached_pair(cache, case)
+    record_path = _record_path(cache, case)
+    recorded = _read_record(record_path)
+    sources = _sources_record(image, label, recorded)
+    if image_out.is_file() and label_out.is_file() and _same_sources(sources, recorded):
+        if sources != recorded:  # the same content with new stamps: remembered, so that it is not read again
+            write_text_atomic(json.dumps(sources), record_path)
+        return False
+    labels, label_affine = _ras_labels(label)  # checked before anything is written
+    voxels, affine = _decoded_ct(image)
+    if labels.shape != voxels.shape or not np.allclose(label_affine, affine, atol=1e-3):
         raise InputError(f"{label}: label map geometry (shape, affine) differs from its image {image}")
+    record_path.unlink(missing_ok=True)  # while the pair is replaced, no record vouches for it
     write_nifti_atomic(nib.Nifti1Image(voxels, affine), image_out)
-    write_nifti_atomic(nib.Nifti1Image(ras.astype(np.uint8), affine), label_out)
+    write_nifti_atomic(nib.Nifti1Image(labels, affine), label_out)
+    write_text_atomic(json.dumps(sources), record_path)
     return True
+
+
+def _forget_other_cases(cache: Path, cases: Sequence[str]) -> int:
+    """Remove the cached files of cases no longer in the dataset (every stage would still train on them); hidden
+    files are other processes' writes in progress and stay. Returns how many files went."""
+    keep = {path for case in cases for path in (*_cached_pair(cache, case), _record_path(cache, case))}
+    removed = 0
+    for folder in ("imagesTr", "labelsTr", "sources"):
+        for path in (cache / folder).glob("[!.]*"):
+            if path.is_file() and path not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def prepare_cache(dataset_dir: str | os.PathLike, cache: str | os.PathLike, progress: bool = True) -> Path:
     """Decode every labelled case of ``dataset_dir`` once into ``cache`` (``imagesTr``/``labelsTr``, FLARE names,
-    ``.nii``); cases already cached are skipped. Returns ``cache``, a dataset folder every stage can train from."""
+    ``.nii``); cases cached from sources of the same content are skipped, cases gone from ``dataset_dir`` removed.
+    Returns ``cache``, a dataset folder every stage can train from."""
     from tqdm.auto import tqdm
 
     cache = Path(cache)
     cases = labelled_cases(dataset_dir)
+    removed = _forget_other_cases(cache, [case_name(case["image"]) for case in cases])
     decoded = 0
     for case in tqdm(cases, desc="cache", unit="case", disable=not progress):
         decoded += cache_case(case["image"], case["label"], cache)
-    logger.info("cache %s: %d case(s) decoded, %d already there", cache, decoded, len(cases) - decoded)
+    logger.info("cache %s: %d case(s) decoded, %d already there, %d file(s) of other cases removed", cache, decoded,
+                len(cases) - decoded, removed)
     return cache
 
 
@@ -309,7 +415,13 @@ def train_stage(stage: StagePlan, root: Path, settings: Mapping, distributed: bo
         progress = _EpochProgress(stage.name, parser.get_parsed_content("validate#evaluator"), echo)
         progress.attach(trainer)
         log.capture()
-        workflow.run()
+        try:
+            workflow.run()
+        except Exception as error:  # MONAI wraps an input error (e.g. a training state that does not fit)
+            cause = input_error_in(error)
+            if cause is None:
+                raise
+            raise cause from None
         workflow.finalize()
         checkpoint = Path(parser.get_parsed_content("ckpt_path"))
         state_dir = Path(parser.get_parsed_content("state_dir"))
