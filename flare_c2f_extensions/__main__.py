@@ -162,6 +162,7 @@ def segment(
     seed: int = 0,
     engine: str = "auto",
     max_voxels="default",
+    reference: str | None = None,
 ):
     """Segment the 13 FLARE22 organs in CT: ``flare-c2f segment -i CT -o OUT [options]``.
 
@@ -175,7 +176,11 @@ def segment(
     header). Weights: ``--bundles_dir DIR`` (trained stage bundles) or ``--stage_dirs "{'coarse': DIR, ...}"``;
     ``--require_weights false`` runs random weights (seeded by ``--seed``) for timing. ``--stage_overrides`` takes
     config overrides per stage (JSON).
-    Existing outputs are kept unless ``--overwrite``.
+    Each organ's quality signals (the cascade's confidence, stray components) go into the statistics and the run
+    report, and an organ that fails a check is a warning; ``--reference`` (a labels folder or a
+    ``volume_reference.json``) adds the check of its volume against that cohort's range.
+    An existing label map is kept if this command wrote it for the same input and options, redone if its input or
+    options changed, and never replaced otherwise unless ``--overwrite``.
     """
     from .errors import InputError
     from .segmenter import as_bool, run_segment
@@ -189,7 +194,7 @@ def segment(
         report = run_segment(
             str(input), str(output), organs=organs, device=device, threads=threads, amp=amp, bundles_dir=bundles_dir,
             stage_dirs=stage_dirs, stage_overrides=stage_overrides, require_weights=require_weights, seed=seed,
-            engine=engine, max_voxels=max_voxels, **flags,
+            engine=engine, max_voxels=max_voxels, reference=reference, **flags,
         )
     except InputError as error:
         raise SystemExit(f"error: {error}") from None

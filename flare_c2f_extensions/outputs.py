@@ -43,6 +43,9 @@ __all__ = [
     "statistics_csv", "stem_of", "write_case",
 ]
 
+# what the statistics say of each organ's quality (pseudo_label.organ_quality): the cascade's own confidence, the
+# share of voxels the largest-component step removed, and the checks it failed (empty: none)
+QUALITY_COLUMNS = ("mean_confidence", "confidence_p10", "dropped_fraction", "flags")
 STATISTICS_COLUMNS = ("organ", "id", "voxel_count", "volume_ml", "mean_hu", "median_hu", "touches_border")
 
 
@@ -146,9 +149,12 @@ def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray, org
 def statistics_csv(statistics: dict) -> str:
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(STATISTICS_COLUMNS)
+    quality = [c for c in QUALITY_COLUMNS if any(c in entry for entry in statistics["organs"].values())]
+    writer.writerow(STATISTICS_COLUMNS + tuple(quality))
     for name, entry in statistics["organs"].items():
-        writer.writerow([name] + ["" if entry[c] is None else entry[c] for c in STATISTICS_COLUMNS[1:]])
+        values = [entry.get(c) for c in STATISTICS_COLUMNS[1:] + tuple(quality)]
+        values = ["; ".join(v) if isinstance(v, list) else v for v in values]
+        writer.writerow([name] + ["" if v is None else v for v in values])
     return table.getvalue()
 
 
@@ -180,17 +186,19 @@ def write_case(
     statistics: bool = False,
     preview: bool = False,
     provenance: dict | None = None,
+    quality: dict | None = None,
 ) -> list[Path]:
     """Write the outputs of one case (module docstring) beside ``target`` (the label map's path); returns their
     paths, the label map last. Atomic as a whole: staged in a hidden folder, then moved into place.
-    ``provenance``: what the label map's header records of its input and options (:func:`named_label_image`)."""
+    ``provenance``: what the label map's header records of its input and options (:func:`named_label_image`);
+    ``quality``: each organ's quality signals and flags, added to its statistics."""
     target = Path(target)
     stem = stem_of(target)
     remove_abandoned_staging(target.parent, stem)
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-{os.getpid()}-", dir=target.parent))
     try:
         names = _write_staged(labels, image_path, staging, target.name, stem, organs, per_organ, dicom_seg,
-                              statistics, preview, provenance)
+                              statistics, preview, provenance, quality)
         return _move_into_place(staging, target.parent, names)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -216,7 +224,7 @@ def _process_exists(pid: int) -> bool:
 
 
 def _write_staged(labels, image_path, staging: Path, label_name: str, stem: str, organs, per_organ, dicom_seg,
-                  statistics, preview, provenance) -> list[str]:
+                  statistics, preview, provenance, quality) -> list[str]:
     names = []
     geometry = image_geometry(image_path)  # headers read once for every mask
 
@@ -243,6 +251,8 @@ def _write_staged(labels, image_path, staging: Path, label_name: str, stem: str,
         hu, affine = read_hu(image_path)
         if statistics:
             stats = organ_statistics(labels, hu, affine, organs)
+            for name, signals in (quality or {}).items():
+                stats["organs"][name].update({key: signals.get(key) for key in QUALITY_COLUMNS})
             text(f"{stem}_statistics.json", json.dumps(stats, indent=4) + "\n")
             text(f"{stem}_statistics.csv", statistics_csv(stats))
         if preview:

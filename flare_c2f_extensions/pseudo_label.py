@@ -73,6 +73,7 @@ __all__ = [
     "pseudo_label",
     "volume_reference",
     "load_volume_reference",
+    "organ_quality",
 ]
 
 PERCENTILES = (5, 10, 25, 50)  # confidence percentiles stored per organ; the rule picks its low one among these
@@ -193,10 +194,14 @@ def case_signals(
     confidence = np.asarray(confidence)
     if labels.shape != confidence.shape:
         raise ValueError(f"label map {labels.shape} and confidence map {confidence.shape} differ in shape")
+    from scipy import ndimage
+
     volumes = organ_volumes_ml(labels, affine)
+    boxes = ndimage.find_objects(labels.astype(np.uint8, copy=False), max_label=max(ORGANS))
     organs, missing = {}, []
     for label, name in ORGANS.items():
-        values = confidence[labels == label].astype(np.float64)
+        box = boxes[label - 1]  # each organ's voxels looked up inside its own box, not the whole volume
+        values = confidence[box][labels[box] == label].astype(np.float64) if box is not None else np.empty(0)
         lost = dropped.get(label, {})
         lost_voxels = int(lost.get("voxels", 0))
         signal = {
@@ -249,6 +254,22 @@ def decide(
                 f"stray component(s) > {rule.max_dropped_fraction:.0%}"
             )
     return not reasons, reasons
+
+
+def organ_quality(
+    labels: np.ndarray, result, affine: np.ndarray, organs: Sequence[int], rule: QualityRule | None = None,
+    reference: Mapping | None = None,
+) -> dict:
+    """The quality signals of the chosen ``organs`` of one segmented case (``result``: the cascade's
+    :class:`CaseResult` with its confidence map) and each organ's flags, the reasons :func:`decide` gives for it alone
+    (volume only with a ``reference``): ``{name: {..signals.., "flags": [...]}}``."""
+    signals = case_signals(labels, result.confidence, result.dropped, affine)
+    quality = {}
+    for organ in organs:
+        name = ORGANS[organ]
+        alone = {"organs": {name: signals["organs"][name]}, "missing": [name] * (name in signals["missing"])}
+        quality[name] = {**signals["organs"][name], "flags": decide(alone, rule, reference)[1]}
+    return quality
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -215,10 +215,11 @@ class Segmenter:
             "amp": cascade.amp, "coarse_amp": cascade.coarse_amp,
         }
 
-    def labels(self, path: str | os.PathLike):
+    def labels(self, path: str | os.PathLike, keep_confidence: bool = False):
         """The label map of the CT at ``path`` (file layout, FLARE ids of the chosen organs only) and the cascade's
-        :class:`~flare_c2f_extensions.cascade.CaseResult` (seconds by stage, skipped stages)."""
-        result = self.cascade.segment(path)
+        :class:`~flare_c2f_extensions.cascade.CaseResult` (seconds by stage, skipped stages; the confidence map with
+        ``keep_confidence``)."""
+        result = self.cascade.segment(path, keep_confidence=keep_confidence)
         labels = result.labels
         if len(self.organs) < len(ORGANS):  # a group's other organs are not asked for
             labels = np.where(np.isin(labels, self.organs), labels, 0).astype(np.uint8)
@@ -393,6 +394,7 @@ def run_segment(
     preview: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    reference=None,
     **options,
 ) -> dict:
     """``flare-c2f segment``: check everything that can be checked (inputs, output folder, organs, weights) before
@@ -420,6 +422,9 @@ def run_segment(
         as_bool(options["amp"], "amp")
     check_weights(chosen, options)
     refuse_foreign_outputs(targets, overwrite)
+    from .pseudo_label import load_volume_reference
+
+    volumes = load_volume_reference(reference)
     folder = prepare_output_dir(targets[0][1].parent)
     single_file = len(targets) == 1 and targets[0][1] == Path(str(output)).expanduser()
     report_path = report_path_for(folder, targets, single_file)
@@ -435,7 +440,8 @@ def run_segment(
         segmenter = Segmenter(organs=chosen, **options)
         run_warnings = collect.take()
         cases = _run_cases(segmenter, mine, overwrite, progress, collect,
-                           dict(per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics, preview=preview))
+                           dict(per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics, preview=preview),
+                           volumes)
     finally:
         package_logger.removeHandler(collect)
     from .cascade import _summarise
@@ -495,7 +501,21 @@ def refuse_foreign_outputs(targets, overwrite: bool = False) -> None:
         raise InputError(f"{problems[0]}{more}: nothing was written; --overwrite replaces it, or choose another output")
 
 
-def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, collect, what: dict) -> list[dict]:
+def _quality(labels, result, image, organs, reference) -> dict:
+    """Each organ's quality signals and flags (:func:`pseudo_label.organ_quality`); a flagged organ is a warning."""
+    from .images import image_geometry
+    from .pseudo_label import organ_quality
+
+    quality = organ_quality(labels, result, image_geometry(image).affine, organs, reference=reference)
+    for name, organ in quality.items():
+        if organ["flags"]:
+            logger.warning("%s: check the %s: %s", image, name, "; ".join(organ["flags"]))
+    return quality
+
+
+def _run_cases(
+    segmenter: Segmenter, targets, overwrite: bool, progress: bool, collect, what: dict, reference=None
+) -> list[dict]:
     from .discovery import case_name
     from .efficiency import ResourceMonitor
     from .errors import input_error_in
@@ -515,8 +535,10 @@ def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, c
                     case["status"] = "exists"
                 else:
                     with ResourceMonitor(segmenter.cascade.device) as monitor:
-                        labels, result = segmenter.labels(image)
-                        written = write_case(labels, image, target, segmenter.organs, **what, provenance=provenance)
+                        labels, result = segmenter.labels(image, keep_confidence=True)
+                        quality = _quality(labels, result, image, segmenter.organs, reference)
+                        written = write_case(labels, image, target, segmenter.organs, **what, provenance=provenance,
+                                             quality=quality)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as error:  # one bad case must not stop the others
@@ -527,6 +549,7 @@ def _run_cases(segmenter: Segmenter, targets, overwrite: bool, progress: bool, c
                     case.update(status="done", outputs=[str(p) for p in written], **monitor.usage.as_dict())
                     case["stage_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
                     case["skipped_stages"] = result.skipped
+                    case["quality"] = quality
         case["warnings"] = collect.take()
         cases.append(case)
         if progress:

@@ -334,3 +334,28 @@ def test_ctrl_c_and_sigterm_end_in_one_line_and_leave_nothing_partial(phantom, t
     assert process.returncode == status, stderr
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: ")
     assert not Path(marker.read_text()).exists() and not list(out.glob("a*"))
+
+
+# -- beyond the probe: each organ's quality signals in the statistics and the run report -----------------------------
+
+
+def test_segment_reports_quality_signals_and_flags_an_implausible_organ(phantom, tmp_path, capsys):
+    reference = tmp_path / "volume_reference.json"
+    reference.write_text(json.dumps({"organs": {"liver": {"min_ml": 1000.0, "max_ml": 2500.0}}}))
+    out = tmp_path / "out"
+    main(["segment", "-i", str(phantom), "-o", str(out), "--organs", "liver,spleen", "--statistics",
+          "--reference", str(reference), *RANDOM])
+    statistics = json.loads((out / "a_statistics.json").read_text())
+    case = report_of(out)["cases"][0]
+    assert set(statistics["organs"]) == set(case["quality"]) == {"liver", "spleen"}
+    liver = statistics["organs"]["liver"]
+    if liver["voxel_count"]:
+        assert 0 < liver["mean_confidence"] <= 1 and 0 <= liver["confidence_p10"] <= liver["mean_confidence"]
+        assert any(flag.startswith("volume: liver") for flag in liver["flags"])  # a phantom's liver is not 1-2.5 l
+    else:
+        assert liver["flags"] == ["missing: liver"]
+    assert case["quality"]["liver"]["flags"] == liver["flags"]
+    assert any("check the liver" in warning for warning in case["warnings"])
+    assert "check the liver" in capsys.readouterr().err
+    header = (out / "a_statistics.csv").read_text().splitlines()[0].split(",")
+    assert header[-4:] == ["mean_confidence", "confidence_p10", "dropped_fraction", "flags"]
