@@ -120,14 +120,16 @@ def verify_release(zip: str, sha256: str | None = None, name: str | None = None)
     print(f"sha256 {report['sha256']}")
 
 
-def download_release(url: str, bundle_dir: str = ".", sha256: str | None = None, name: str | None = None):
+def download_release(
+    url: str, bundle_dir: str = ".", sha256: str | None = None, name: str | None = None, max_bytes: int | None = None
+):
     """Download a release zip, verify it (``--sha256`` or ``<url>.sha256``), fetch its hash-checked large files,
-    and only then put ``<name>/`` into ``bundle_dir``."""
+    and only then put ``<name>/`` into ``bundle_dir``. ``--max_bytes``: the largest zip accepted (default 4 GiB)."""
     from .release import ReleaseError
     from .release import download_release as run
 
     try:
-        print(run(url, bundle_dir, _hex(sha256), name))
+        print(run(url, bundle_dir, _hex(sha256), name, max_bytes=max_bytes))
     except ReleaseError as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -16,12 +16,14 @@ readable zip whose every entry passes its CRC, that every entry lies inside ``<n
 collide on case-insensitive file systems), that it inflates to at most :data:`MAX_INFLATE_RATIO` times its size and
 at most :data:`MAX_INFLATED_BYTES` (checked from the entries' declared sizes, which extraction cannot exceed, before
 anything is inflated), and that the metadata's version is the one in the file name.
-``download_release`` downloads, verifies, fetches the large files (hash-checked) and only then moves the bundle into
-place, so a failed or tampered download leaves nothing behind.
+``download_release`` downloads (at most :data:`MAX_DOWNLOAD_BYTES`), verifies, fetches the large files (hash-checked)
+and only then moves the bundle into place, so a failed, tampered, interrupted or terminated (SIGTERM) download leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,8 +31,10 @@ import os
 import posixpath
 import re
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 import unicodedata
 import urllib.request
 import zipfile
@@ -62,6 +66,10 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # hardly compress (about 1.1:1) and configs about 5:1, while a zip bomb claims hundreds or thousands to one.
 MAX_INFLATE_RATIO = 50
 MAX_INFLATED_BYTES = 8 << 30
+# A download stops at this many bytes (a server that never stops sending would fill the disk); a release zip of the
+# paper-size networks is far smaller. download_release(max_bytes=...) / --max_bytes raise it.
+MAX_DOWNLOAD_BYTES = 4 << 30
+MAX_SIDECAR_BYTES = 64 << 10  # a .sha256 sidecar is one line
 
 
 class ReleaseError(ValueError):
@@ -412,9 +420,51 @@ def _check_entries(infos, name: str, zip_path: Path) -> set[str]:
 # -- download ----------------------------------------------------------------------------------------------------
 
 
-def _fetch(url: str, dest: Path, timeout: float = 60.0) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f:  # noqa: S310
-        shutil.copyfileobj(response, f, 1 << 20)
+def _fetch(url: str, dest: Path, timeout: float = 60.0, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+    """Download ``url`` into ``dest``, refusing more than ``max_bytes`` (announced or received); ``dest`` is removed
+    on any failure."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as f:  # noqa: S310
+            announced = str(response.headers.get("Content-Length", "")).strip()
+            if announced.isdigit() and int(announced) > max_bytes:
+                raise ReleaseError(f"{url}: refused: its Content-Length of {announced} bytes is more than {max_bytes} "
+                                   "bytes, the download limit (max_bytes)")
+            received = 0
+            while chunk := response.read(1 << 20):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise ReleaseError(f"{url}: refused: more than {max_bytes} bytes, the download limit (max_bytes)")
+                f.write(chunk)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+def _raise_terminated(signum, frame):
+    raise KeyboardInterrupt("terminated")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While downloading, SIGTERM raises ``KeyboardInterrupt("terminated")`` as Ctrl-C would, so that the temporary
+    folder is removed on the way out (SIGTERM's default ends the process on the spot and leaves the partial zip).
+    The previous handler comes back afterwards. Signal handlers belong to the main thread: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _check_max_bytes(max_bytes) -> int:
+    if max_bytes is None:
+        return MAX_DOWNLOAD_BYTES
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ReleaseError(f"max_bytes: expected a positive whole number of bytes, got {max_bytes!r}")
+    return max_bytes
 
 
 def download_release(
@@ -424,27 +474,36 @@ def download_release(
     name: str | None = None,
     large_files: bool = True,
     timeout: float = 60.0,
+    max_bytes: int | None = None,
 ) -> Path:
     """Download a release zip, verify it (``sha256``, or ``<url>.sha256`` published beside it), fetch and
-    hash-check its large files, then move ``<name>/`` into ``bundle_dir``. Nothing is left behind on failure;
-    an existing ``bundle_dir/<name>`` is never overwritten. Returns the bundle's path."""
-    bundle_dir = Path(bundle_dir)
+    hash-check its large files, then move ``<name>/`` into ``bundle_dir``. Nothing is left behind on failure, on
+    Ctrl-C or on SIGTERM; an existing ``bundle_dir/<name>`` is never overwritten. Returns the bundle's path.
+    ``max_bytes``: the most the zip may have (default :data:`MAX_DOWNLOAD_BYTES`); a larger one is refused."""
+    max_bytes = _check_max_bytes(max_bytes)
+    if sha256 is not None and not _HEX64.match(str(sha256).strip().lower()):
+        raise ReleaseError(f"expected sha256 {sha256!r} is not 64 hexadecimal digits")
+    file_name = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+    if not file_name.endswith(".zip"):
+        raise ReleaseError(f"{url}: expected a URL ending in <name>_v<version>.zip")
+    with _terminate_as_interrupt():
+        return _download_release(url, Path(bundle_dir), file_name, sha256, name, large_files, timeout, max_bytes)
+
+
+def _download_release(url, bundle_dir: Path, file_name, sha256, name, large_files, timeout, max_bytes) -> Path:
     try:
         bundle_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a regular file in its place or above it, no permission, ...
         raise ReleaseError(f"{bundle_dir}: bundle folder cannot be created ({error.strerror or error})") from None
-    file_name = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
-    if not file_name.endswith(".zip"):
-        raise ReleaseError(f"{url}: expected a URL ending in <name>_v<version>.zip")
     with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".download-") as tmp:
         zip_path = Path(tmp) / file_name
         try:
-            _fetch(url, zip_path, timeout)
+            _fetch(url, zip_path, timeout, max_bytes)
         except OSError as error:  # HTTP errors, refused connections, time-outs
             raise ReleaseError(f"{url}: cannot download ({error})") from error
         if sha256 is None:
             try:
-                _fetch(url + ".sha256", zip_path.with_name(file_name + ".sha256"), timeout)
+                _fetch(url + ".sha256", zip_path.with_name(file_name + ".sha256"), timeout, MAX_SIDECAR_BYTES)
             except OSError as error:
                 raise ReleaseError(f"{url}.sha256: cannot fetch the published hash ({error}); pass --sha256") from error
         try:

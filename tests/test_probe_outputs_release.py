@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 
 import nibabel as nib
@@ -28,7 +32,7 @@ from flare_c2f_extensions.images import image_geometry, read_ct
 from flare_c2f_extensions.labels import ORGANS
 from flare_c2f_extensions.metrics import evaluate_case, evaluate_folder
 from flare_c2f_extensions.pseudo_label import pseudo_label
-from flare_c2f_extensions.release import ReleaseError, verify_release
+from flare_c2f_extensions.release import ReleaseError, download_release, verify_release
 
 from helpers import BUNDLES, REPO, TINY_STAGES, save
 
@@ -202,6 +206,96 @@ def test_evaluate_compares_headers_before_reading_voxels(tmp_path, monkeypatch):
     forbidden.add(str(tmp_path / "pred" / "case.nii.gz"))
     summary = evaluate_folder(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "out"))
     assert "(1024, 1024, 512)" in summary["failed_cases"]["case"]
+
+
+# -- item 13: bounded downloads that leave nothing behind ------------------------------------------------------------
+
+
+class _EndlessHandler(http.server.BaseHTTPRequestHandler):
+    """Sends zeros until the client goes away (paths under /claims/ announce a 10 GiB Content-Length first)."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/zip")
+        if self.path.startswith("/claims/"):
+            self.send_header("Content-Length", str(10 << 30))
+        self.end_headers()
+        try:
+            while not self.server.stopping.is_set():
+                self.wfile.write(b"\0" * (64 << 10))
+                time.sleep(0.005)  # about 13 MB/s: the SIGTERM below arrives long before a disk fills
+        except OSError:  # the client hung up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endless_server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EndlessHandler)
+    httpd.stopping = threading.Event()
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.stopping.set()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+def _terminate_mid_download(command, target) -> tuple[int, str]:
+    """Start ``command``, send it SIGTERM once its partial download has bytes; (exit status, stderr)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLI_ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.is_file() and p.stat().st_size > 0 for p in target.rglob("*")):
+            assert process.poll() is None and time.monotonic() < deadline, f"no partial download in {target}"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, stderr
+
+
+# download_release called as a library: a KeyboardInterrupt("terminated") must reach the caller
+LIBRARY_CALL = """import sys
+from flare_c2f_extensions.release import download_release
+try:
+    download_release(sys.argv[1], sys.argv[2], sha256=sys.argv[3])
+except KeyboardInterrupt as stop:
+    sys.exit(f"interrupted: {stop}")
+"""
+
+
+def test_downloads_are_bounded_and_sigterm_leaves_nothing_behind(endless_server, tmp_path):
+    """A server that never stops sending used to fill the disk, and SIGTERM left the partial zip behind."""
+    digest, name = "ab" * 32, f"flare22_coarse_v{COARSE_VERSION}.zip"
+    url, handler = f"{endless_server}/endless/{name}", signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ReleaseError, match=r"endless/.*refused: more than 1048576 bytes"):
+        download_release(url, tmp_path / "capped", sha256=digest, max_bytes=1 << 20)
+    assert list((tmp_path / "capped").iterdir()) == []
+    with pytest.raises(ReleaseError, match=r"claims/.*Content-Length of 10737418240 bytes.*more than 1048576"):
+        download_release(f"{endless_server}/claims/{name}", tmp_path / "claims", sha256=digest, max_bytes=1 << 20)
+    assert list((tmp_path / "claims").iterdir()) == []
+    with pytest.raises(ReleaseError, match="not 64 hexadecimal digits"):  # checked before downloading
+        download_release(url, tmp_path / "bad_hash", sha256="abc")
+    assert not (tmp_path / "bad_hash").exists()
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back after each download
+
+    library = tmp_path / "library"
+    status, stderr = _terminate_mid_download([sys.executable, "-c", LIBRARY_CALL, url, str(library), digest], library)
+    assert status == 1 and "interrupted: terminated" in stderr, (status, stderr)
+    assert list(library.iterdir()) == [], "the partial download was left behind"
+    cli = tmp_path / "cli"
+    command = [sys.executable, "-m", "flare_c2f_extensions", "download_release", "--url", url, "--bundle_dir", str(cli),
+               "--sha256", digest]
+    status, stderr = _terminate_mid_download(command, cli)
+    assert status == 128 + signal.SIGTERM and "Traceback" not in stderr and stderr.startswith("error: "), stderr
+    assert list(cli.iterdir()) == [], "the partial download was left behind"
 
 
 # -- item 14: entry names in normal form only ------------------------------------------------------------------------
