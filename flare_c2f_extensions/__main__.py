@@ -256,7 +256,7 @@ def pseudo_label(
         teacher, _ = load_cascade(tuple(ORGANS), device, None, bundles_dir, None,
                                   as_mapping(stage_overrides, "stage_overrides"),
                                   as_bool(require_weights, "require_weights"), seed)
-        report = run(teacher, input, output, reference=reference, rule=rule, overwrite=bool(overwrite))
+        report = run(teacher, input, output, reference=reference, rule=rule, overwrite=as_bool(overwrite, "overwrite"))
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
     finally:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -57,7 +56,7 @@ from tqdm.auto import tqdm
 from .discovery import case_name, find_images
 from .distributed import Ranks
 from .errors import InputError, InputWarnings
-from .files import prepare_output_dir, write_text_atomic
+from .files import content_sha256, prepare_output_dir, write_text_atomic
 from .images import image_geometry
 from .label_maps import save_label_map
 from .labels import ORGANS
@@ -69,7 +68,6 @@ __all__ = [
     "QualityRule",
     "case_signals",
     "decide",
-    "input_sha256",
     "pseudo_label",
     "volume_reference",
     "load_volume_reference",
@@ -321,20 +319,6 @@ def pseudo_label(
     return write_quality_report(cases, rule, reference, out)
 
 
-def input_sha256(image: str | os.PathLike) -> str:
-    """sha256 of a NIfTI file's bytes; of a DICOM series folder: of its files' names and bytes, in name order."""
-    path = Path(image)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if file is not path:
-            digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def _finished_signals(signals_path: Path, label_path: Path, sha256: str) -> tuple[dict | None, str | None]:
     """``(signals, None)`` when an earlier run labelled this very input, else ``(None, why it must be redone)``."""
     if not (label_path.is_file() and signals_path.is_file()):
@@ -356,7 +340,7 @@ def _label_case(cascade, image: str, out: Path, overwrite: bool) -> dict:
     redone = None
     try:
         with InputWarnings() as warned:
-            sha256 = input_sha256(image)
+            sha256 = content_sha256(image)
             if not overwrite:
                 stored, redone = _finished_signals(signals_path, label_path, sha256)
                 if stored is not None:
