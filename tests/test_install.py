@@ -1,8 +1,9 @@
 """Installable: a wheel built from the repository carries the bundles' configs (not weights), and once installed into
 a fresh virtual environment it runs ``flare-c2f segment`` from a folder outside the repository, without the network.
 
-The environment is made with ``--system-site-packages`` and the wheel installed with ``--no-deps``, so torch, MONAI
-and the other dependencies come from the test environment; ``PYTHONPATH`` and ``$FLARE_C2F_BUNDLES`` are cleared so
+The environment is made with ``--system-site-packages`` (plus the test environment's own site-packages, when that is
+a virtual environment) and the wheel installed with ``--no-deps``, so torch, MONAI and the other dependencies come
+from the test environment; ``PYTHONPATH`` and ``$FLARE_C2F_BUNDLES`` are cleared so
 that only the installed copy can be imported and its shipped bundles are the ones found.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -53,7 +55,12 @@ def installed(tmp_path_factory):
     made = run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], root, env)
     assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
-    done = run([python, "-m", "pip", "install", "--no-deps", wheel], root, env)  # pip from the system site
+    # --system-site-packages gives the base interpreter's packages; when the tests run in a virtual environment,
+    # its packages (torch, MONAI, pip, ...) are elsewhere: a .pth line adds them, after the new venv's own
+    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root, env)
+    assert purelib.returncode == 0, purelib.stderr
+    (Path(purelib.stdout.strip()) / "test_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    done = run([python, "-m", "pip", "install", "--no-deps", wheel], root, env)  # pip from the test environment
     assert done.returncode == 0, done.stderr
     return wheel, venv, env
 
