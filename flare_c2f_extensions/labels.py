@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 __all__ = [
     "GROUPS", "NSD_TOLERANCE_MM", "NUM_CLASSES", "NUM_ORGANS", "ORGANS", "ORGAN_IDS", "REFINER_MIN_SIZE_MM",
-    "SLAB_ORGANS", "SNOMED_ANATOMICAL_STRUCTURE", "SNOMED_CT", "SNOMED_LATERALITY", "channel_def",
+    "SLAB_ORGANS", "SNOMED_ANATOMICAL_STRUCTURE", "SNOMED_CT", "SNOMED_LATERALITY",
     "label_names", "organ_id",
 ]
 
@@ -86,12 +86,6 @@ def organ_id(name_or_id: str | int) -> int:
     if label not in ORGANS:
         raise KeyError(f"{label} is not a FLARE22 organ id (1..{NUM_ORGANS})")
     return label
-
-
-def channel_def(labels: tuple[int, ...] | None = None) -> dict[str, str]:
-    """Channel meaning of a stage's output: background + ``labels`` (all organs by default)."""
-    labels = tuple(ORGANS) if labels is None else tuple(labels)
-    return {"0": "background", **{str(i + 1): ORGANS[label] for i, label in enumerate(labels)}}
 
 
 def label_names(labels: tuple[int, ...] | None = None) -> dict[str, str]:

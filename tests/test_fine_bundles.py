@@ -20,7 +20,7 @@ from monai.utils import set_determinism
 
 from flare_c2f_extensions.discovery import labelled_cases
 from flare_c2f_extensions.errors import InputError, input_error_in
-from flare_c2f_extensions.labels import GROUPS, ORGANS, channel_def
+from flare_c2f_extensions.labels import GROUPS, ORGANS, label_names
 
 from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 
@@ -109,7 +109,7 @@ def test_metadata_differs_only_in_group_fields(bundle):
     meta, reference = _load(bundle, "metadata.json"), _load(REFERENCE, "metadata.json")
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["num_channels"] == len(GROUPS[group]) + 1
-    assert pred["channel_def"] == channel_def(GROUPS[group])
+    assert pred["channel_def"] == label_names(GROUPS[group])  # the FLARE ids the bundle writes, as MONAI Label reads
     assert list(meta["changelog"])[0] == meta["version"]
     for organ in GROUPS[group]:
         assert ORGANS[organ].replace("_", " ") in meta["label_classes"]

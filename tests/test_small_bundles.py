@@ -21,7 +21,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
 from flare_c2f_extensions.discovery import labelled_cases
-from flare_c2f_extensions.labels import GROUPS, ORGAN_IDS, ORGANS, REFINER_MIN_SIZE_MM, channel_def
+from flare_c2f_extensions.labels import GROUPS, ORGAN_IDS, ORGANS, REFINER_MIN_SIZE_MM, label_names
 
 from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
 
@@ -105,10 +105,10 @@ def test_metadata_matches_schema(bundle, schema):
 
 def test_metadata_describes_the_outputs():
     locator = _load(LOCATOR, "metadata.json")["network_data_format"]["outputs"]["pred"]
-    assert locator["num_channels"] == 5 and locator["channel_def"] == channel_def(SMALL)
+    assert locator["num_channels"] == 5 and locator["channel_def"] == label_names(SMALL)  # the ids written
     meta = _load(REFINER, "metadata.json")
     refiner = meta["network_data_format"]["outputs"]["pred"]
-    assert refiner["num_channels"] == 2 and sorted(refiner["channel_def"]) == ["0", "1"]
+    assert refiner["num_channels"] == 2 and refiner["channel_def"] == label_names((ORGAN_IDS["gallbladder"],))
     assert "`organ`" in meta["description"] and "`organ`" in meta["pred_classes"]
     for bundle, grid in ((LOCATOR, [128, 128, 128]), (REFINER, [64, 64, 64])):
         m = _load(bundle, "metadata.json")
