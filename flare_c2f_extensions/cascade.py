@@ -21,6 +21,7 @@ cascade and the stage bundles cannot drift apart: the same ``CropFromMask`` comp
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -35,8 +36,10 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.inferers import Inferer
 from tqdm.auto import tqdm
 
+from .arguments import as_bool
 from .discovery import case_name
 from .efficiency import ResourceMonitor
 from .engines import resolve_engine
@@ -47,7 +50,7 @@ from .label_maps import save_label_map
 from .labels import GROUPS, ORGANS, organ_id
 from .paths import BUNDLES_DIR, STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
-from .stages import Stage, coarse_amp, default_amp, load_stage
+from .stages import Stage, coarse_amp, default_amp, load_stage, stage_geometry
 from .transforms import affine_of as _affine_of
 from .transforms import (
     box_affine,
@@ -62,7 +65,8 @@ from .transforms import (
 )
 
 __all__ = [
-    "BUNDLES_DIR", "FAILED_CASES_EXIT_STATUS", "MAX_CASE_VOXELS", "STAGE_BUNDLES", "Cascade", "CascadeRunner",
+    "BUNDLES_DIR", "FAILED_CASES_EXIT_STATUS", "MAX_CASE_VOXELS", "STAGE_BUNDLES", "Cascade", "CascadeInferer",
+    "CascadeRunner",
     "CaseResult", "Stage", "check_voxel_count", "default_amp", "load_stage", "segment_to_file",
 ]
 
@@ -169,8 +173,9 @@ class Cascade:
         :data:`MAX_CASE_VOXELS`).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        require_weights = as_bool(require_weights, "require_weights")  # "false" from a command line is truthy
         resolve_engine(engine, device)  # fails early and clearly when the engine cannot run here
-        amp = default_amp(device) if amp is None else bool(amp)
+        amp = default_amp(device) if amp is None else as_bool(amp, "amp")
         bundles_dir = Path(bundles_dir) if bundles_dir is not None else default_bundles_dir()
         dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
         dirs.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
@@ -211,6 +216,30 @@ class Cascade:
     def segment(self, path: str | os.PathLike, keep_confidence: bool = False) -> CaseResult:
         """Segment the CT at ``path``; returns the uint8 label map in the file's own array layout (and with
         ``keep_confidence`` the confidence map and what the largest-component step dropped, see CaseResult)."""
+        started, read = time.perf_counter(), {}
+        check_voxel_count(path, self.max_voxels)
+
+        def load() -> MetaTensor:  # passed on unnamed, so that segment_ras holds the only reference and frees it
+            image, read["ornt"] = read_ct(path, self.device)
+            self._sync()
+            read["seconds"] = time.perf_counter() - started
+            return image
+
+        result = self.segment_ras(load(), keep_confidence)
+        load, ornt = read["seconds"], read["ornt"]
+        started = time.perf_counter()
+        result.labels = np.ascontiguousarray(nib.orientations.apply_orientation(result.labels, ornt))
+        if result.confidence is not None:
+            result.confidence = np.ascontiguousarray(nib.orientations.apply_orientation(result.confidence, ornt))
+        result.seconds = {"load": load, **result.seconds}
+        result.seconds["postprocess"] += time.perf_counter() - started
+        return result
+
+    @torch.inference_mode()
+    def segment_ras(self, image: MetaTensor, keep_confidence: bool = False) -> CaseResult:
+        """Segment a CT already read: ``image`` (1, X, Y, Z) in RAS, HU clipped to [-100, 300] and scaled to [0, 1],
+        with its affine (what :func:`images.read_ct` and the cascade bundle's ``preprocessing`` give). The label map
+        (and confidence map) come back in the same RAS layout. ``image`` is released as soon as the networks ran."""
         seconds: dict[str, float] = {}
         skipped: list[str] = []
         clock = time.perf_counter()
@@ -222,11 +251,7 @@ class Cascade:
             seconds[name] = seconds.get(name, 0.0) + now - clock
             clock = now
 
-        check_voxel_count(path, self.max_voxels)
-        image, ornt = read_ct(path, self.device)
         shape = tuple(image.shape[1:])
-        lap("load")
-
         coarse_grid = self.coarse.spatial_size
         coarse_probs = self.coarse.predict(resize_spatial(image, coarse_grid, "trilinear"), self.coarse_amp)
         coarse = _guide(_argmax_channel(coarse_probs[0]), _fov_affine_of(image, coarse_grid))
@@ -253,11 +278,21 @@ class Cascade:
         raw = labels.cpu().numpy()
         result = keep_largest_component(raw) if self.largest_component else raw
         dropped = dropped_components(raw, result) if keep_confidence else {}
-        result = nib.orientations.apply_orientation(result, ornt)
-        if confidence is not None:
-            confidence = np.ascontiguousarray(nib.orientations.apply_orientation(confidence, ornt))
         lap("postprocess")
-        return CaseResult(np.ascontiguousarray(result), seconds, skipped, confidence, dropped)
+        return CaseResult(result, seconds, skipped, confidence, dropped)
+
+    def with_networks(self, network: torch.nn.Module) -> Cascade:
+        """This cascade's stages run by the submodules of ``network`` (a
+        :class:`~flare_c2f_extensions.networks.CascadeNetwork` or its TorchScript export), under torch."""
+        def bind(stage: Stage | None) -> Stage | None:
+            if stage is None:
+                return None
+            return dataclasses.replace(stage, network=getattr(network, stage.network_name), engine=None)
+
+        return Cascade(
+            bind(self.coarse), [bind(s) for s in self.groups], bind(self.locator), [bind(s) for s in self.refiners],
+            self.device, self.amp, self.largest_component, "torch", self.max_voxels,
+        )
 
     def _run_stage(self, stage: Stage, image, guide, labels, confidence) -> bool:
         """Crop, predict, resize back and fuse one stage; ``False`` if its organs are not in the guide."""
@@ -281,6 +316,64 @@ class Cascade:
 
 
 FUSE_SLAB_VOXELS = 2**22  # voxels of a box resized and fused at a time, per channel: about 16 MB a channel
+
+
+class CascadeInferer(Inferer):
+    """The whole coarse-to-fine cascade as a MONAI inferer: ``inferer(inputs, network)``, as MONAI Label, MONAI Deploy
+    and a bundle's evaluator call one.
+
+    ``inputs``: one CT, ``(1, 1, X, Y, Z)`` or ``(1, X, Y, Z)``, in RAS with HU clipped to [-100, 300] and scaled to
+    [0, 1] (the cascade bundle's ``preprocessing``), a ``MetaTensor`` whose affine places it. ``network``: a
+    :class:`~flare_c2f_extensions.networks.CascadeNetwork` or its TorchScript export (``ckpt_export``), on the
+    inputs' device. Returns the uint8 FLARE label map after the largest-component step, shaped and placed like the
+    inputs (``Invertd`` then takes it back to the file's layout).
+
+    The stages' geometry (grids, organs, margins) comes from the stage bundles' ``configs/inference.json``: those
+    beside the package (:func:`paths.bundles_dir`, so it does not depend on the working folder) with
+    ``stage_overrides`` per stage name. ``organs``: only the stages these organs need run. ``amp``: autocast
+    (``None``: by device, as :class:`Cascade`).
+    """
+
+    def __init__(
+        self,
+        stage_overrides: Mapping[str, Mapping] | None = None,
+        bundles_dir: str | os.PathLike | None = None,
+        organs: Sequence[str | int] | None = None,
+        amp: bool | None = None,
+        largest_component: bool = True,
+    ):
+        super().__init__()
+        root = Path(bundles_dir) if bundles_dir is not None else default_bundles_dir()
+        overrides = dict(stage_overrides or {})
+
+        def geometry(name: str, extra: Mapping | None = None) -> Stage:
+            return stage_geometry(name, root / STAGE_BUNDLES[name], {**overrides.get(name, {}), **(extra or {})})
+
+        wanted = set(ORGANS) if organs is None else {organ_id(o) for o in organs}
+        small = tuple(o for o in GROUPS["small"] if o in wanted)
+        self.coarse = geometry("coarse")
+        self.groups = [geometry(group) for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
+        self.locator = geometry("locator") if small else None
+        self.refiners = [geometry("refiner", {"organ": ORGANS[o]}) for o in small]
+        self.amp = None if amp is None else as_bool(amp, "amp")
+        self.largest_component = as_bool(largest_component, "largest_component")
+
+    def cascade(self, network: torch.nn.Module, device: torch.device | str) -> Cascade:
+        """The cascade these stages make with ``network``'s submodules, on ``device``."""
+        cascade = Cascade(self.coarse, self.groups, self.locator, self.refiners, device, self.amp,
+                          self.largest_component, max_voxels=None)
+        return cascade.with_networks(network)
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> MetaTensor:
+        batched = inputs.ndim == 5
+        if inputs.ndim not in (4, 5) or (batched and inputs.shape[0] != 1) or inputs.shape[-4] != 1:
+            raise ValueError(f"the cascade takes one single-channel 3D image, got shape {tuple(inputs.shape)}")
+        image = inputs[0] if batched else inputs
+        image = image if isinstance(image, MetaTensor) else MetaTensor(image)
+        result = self.cascade(network, image.device).segment_ras(image.float())
+        labels = MetaTensor(torch.as_tensor(result.labels, device=image.device)[None], meta=dict(image.meta))
+        labels.applied_operations = list(image.applied_operations)
+        return labels[None] if batched else labels
 
 
 def _fuse(probs: torch.Tensor, box, stage_labels: Sequence[int], labels, confidence) -> None:
@@ -378,10 +471,10 @@ class CascadeRunner:
         self.names = [item.get("case") or case_name(item["image"]) for item in items]
         self.ignored = list(getattr(dataset, "ignored", []))
         self.output_dir = Path(output_dir)
-        self.overwrite = overwrite
-        self.progress = progress
+        self.overwrite = as_bool(overwrite, "overwrite")  # a config override may give "false", a truthy string
+        self.progress = as_bool(progress, "progress")
         self.report_name = report_name
-        self.exit_on_failure = exit_on_failure
+        self.exit_on_failure = as_bool(exit_on_failure, "exit_on_failure")
 
     def run(self) -> dict:
         outputs_apart_from_inputs(list(zip(self.images, self.names)), self.output_dir)

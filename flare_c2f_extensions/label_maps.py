@@ -17,7 +17,7 @@ from .files import write_nifti_atomic
 from .geometry import Geometry
 from .images import image_geometry
 
-__all__ = ["SaveLabelMapd", "label_map_image", "qform_holds", "save_label_map"]
+__all__ = ["FlareSaveImaged", "SaveLabelMapd", "label_map_image", "qform_holds", "save_label_map"]
 
 
 def save_label_map(
@@ -110,3 +110,9 @@ class SaveLabelMapd(MapTransform):
             array = prediction.detach().cpu().numpy() if hasattr(prediction, "detach") else np.asarray(prediction)
             save_label_map(array, reference, self.output_dir)
         return data
+
+
+class FlareSaveImaged(SaveLabelMapd):
+    """:class:`SaveLabelMapd` under a name that MONAI Label and MONAI Deploy take for a saver: both drop the
+    transforms whose class name holds ``SaveImage`` from a bundle's ``postprocessing`` and write the result
+    themselves, so a served request never writes into the bundle's ``eval/`` folder."""

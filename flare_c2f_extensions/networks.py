@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.networks.blocks import SimpleASPP, UnetOutBlock, UnetResBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
-__all__ = ["PAPER_CHANNELS", "ResUNetASPP", "count_flops", "count_parameters", "describe"]
+__all__ = [
+    "CASCADE_STAGES", "PAPER_CHANNELS", "CascadeNetwork", "ResUNetASPP", "count_flops", "count_parameters", "describe",
+]
 
 # Default widths, chosen to match the paper's size (15.17 M parameters, 93.43 G at 128^3): they give
 # 15.19 M parameters and 93.77 G multiply-adds at 128^3 (`python -m flare_c2f_extensions network_info`).
@@ -110,6 +112,45 @@ class ResUNetASPP(nn.Module):
         for up, dec in zip(self.upsample, self.decoder):
             x = dec(torch.cat([up(x), skips.pop()], dim=1))
         return self.head(x)
+
+
+def _cascade_stages() -> dict[str, tuple[int, ...]]:
+    from .labels import GROUPS, ORGANS
+
+    stages = {"coarse": tuple(ORGANS), **{group: GROUPS[group] for group in ("solid", "digestive", "vessels")}}
+    stages["locator"] = GROUPS["small"]
+    stages.update({f"refiner_{ORGANS[organ]}": (organ,) for organ in GROUPS["small"]})
+    return stages
+
+
+# every network of the cascade by its submodule name in CascadeNetwork, with the FLARE ids of its channels 1..k
+CASCADE_STAGES = _cascade_stages()
+
+
+class CascadeNetwork(nn.Module):
+    """Every network of the cascade in one module, a named submodule each (:data:`CASCADE_STAGES`): ``coarse``,
+    ``solid``, ``digestive``, ``vessels``, ``locator`` and ``refiner_<organ>`` for the four small organs.
+
+    It is the cascade bundle's ``network_def``: one state dict holds the whole cascade (``models/model.pt``) and one
+    TorchScript export (``ckpt_export``) carries it. :class:`~flare_c2f_extensions.cascade.CascadeInferer` runs the
+    cascade by calling the submodules; ``forward`` is the coarse stage alone (what ``verify_net_in_out`` checks).
+
+    Args:
+        stages: ResUNetASPP arguments per submodule name, over ``common`` (e.g. narrower trained stages).
+        common: ResUNetASPP arguments for every stage (``out_channels`` follows from the stage's organs).
+    """
+
+    def __init__(self, stages: Mapping[str, Mapping] | None = None, **common):
+        super().__init__()
+        unknown = sorted(set(stages or {}) - set(CASCADE_STAGES))
+        if unknown:
+            raise ValueError(f"unknown cascade stage(s) {unknown}; stages: {list(CASCADE_STAGES)}")
+        for name, labels in CASCADE_STAGES.items():
+            arguments = {**common, **dict((stages or {}).get(name, {})), "out_channels": len(labels) + 1}
+            setattr(self, name, ResUNetASPP(**arguments))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coarse(x)
 
 
 def _he_normal(module: nn.Module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -14,11 +15,12 @@ import torch
 from .configs import read_stage_config
 from .engines import TorchEngine, cached_openvino_ir, openvino_cache_key, openvino_engine, resolve_engine
 from .errors import InputError
+from .labels import ORGANS
 from .transforms import CropFromMask
 from .weights import load_weights
 
 __all__ = [
-    "Stage", "build_with_weights", "coarse_amp", "default_amp", "load_stage",
+    "Stage", "build_with_weights", "coarse_amp", "default_amp", "load_stage", "stage_geometry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,11 @@ class Stage:
     labels: tuple[int, ...]
     cropper: CropFromMask | None = None
     engine: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits of a batch; None: ``network`` in torch
+
+    @property
+    def network_name(self) -> str:
+        """This stage's submodule in :class:`~flare_c2f_extensions.networks.CascadeNetwork`."""
+        return f"refiner_{ORGANS[self.labels[0]]}" if self.name == "refiner" else self.name
 
     def predict(self, x: torch.Tensor, amp: bool) -> torch.Tensor:
         """Softmax probabilities (1, k+1, *spatial_size) for one channel-first input already on the grid."""
@@ -127,16 +134,27 @@ def load_stage(
         network = None
     else:
         network = network.to(device).eval()
+    return dataclasses.replace(_geometry(name, parser), network=network, engine=stage_engine)
+
+
+def stage_geometry(name: str, bundle_dir: str | os.PathLike, overrides: Mapping | None = None) -> Stage:
+    """A stage as its bundle's ``configs/inference.json`` describes it (grid, organs, crop), without a network: the
+    network comes later, e.g. from the cascade's one module (:class:`~flare_c2f_extensions.cascade.CascadeInferer`)."""
+    return _geometry(name, read_stage_config(bundle_dir, overrides, name))
+
+
+def _geometry(name: str, parser) -> Stage:
+    spatial_size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
     if name == "coarse":
         labels = tuple(range(1, int(parser.get_parsed_content("num_classes"))))
-        return Stage(name, network, spatial_size, labels, engine=stage_engine)
+        return Stage(name, None, spatial_size, labels)
     labels = tuple(int(v) for v in parser.get_parsed_content("labels"))
     # the organs whose box the stage crops: its own, unless the bundle says otherwise (the locator: all foreground)
     box_labels = parser.get_parsed_content("roi_labels") if "roi_labels" in parser else labels
     min_size = parser.get_parsed_content("min_size_mm") if "min_size_mm" in parser else None
     margin = parser.get_parsed_content("margin_mm")
     cropper = CropFromMask(box_labels, spatial_size, margin, min_size, mask_grid="affine")
-    return Stage(name, network, spatial_size, labels, cropper, engine=stage_engine)
+    return Stage(name, None, spatial_size, labels, cropper)
 
 
 def build_with_weights(parser, checkpoint: Path, name: str) -> torch.nn.Module:

@@ -1,0 +1,128 @@
+"""The cascade bundle as MONAI's consumers of bundles use it (issue 19): its ``network_def`` is one module holding
+every stage, ``models/model.pt`` one state dict assembled from trained stage bundles, and ``preprocessing`` /
+``inferer`` / ``postprocessing`` are read by id, with the transforms named ``*LoadImage*`` / ``*SaveImage*`` removed
+and ``inferer(inputs=..., network=...)`` called on a request that carries only ``image`` (MONAI Label's
+``BundleInferTask``, MONAI Deploy's ``MonaiBundleInferenceOperator``). The labels through that path equal
+``flare-c2f segment``'s, voxel for voxel, with the module and with its TorchScript export (``ckpt_export``).
+Tiny random stages, as in ``test_segment.py``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, LoadImage
+
+from flare_c2f_extensions.assemble import assemble_cascade
+from flare_c2f_extensions.configs import read_stage_config
+from flare_c2f_extensions.labels import label_names
+from flare_c2f_extensions.networks import CASCADE_STAGES, CascadeNetwork
+from flare_c2f_extensions.paths import CASCADE_BUNDLE
+from flare_c2f_extensions.segmenter import Segmenter
+
+from helpers import BUNDLES, TINY_STAGES, write_phantom
+
+
+def _stage_checkpoints(bundles: Path) -> None:
+    """Random tiny weights for every stage, saved where each stage bundle keeps its checkpoint."""
+    torch.manual_seed(0)
+    for submodule in CASCADE_STAGES:
+        stage = "refiner" if submodule.startswith("refiner_") else submodule
+        extra = {"organ": submodule[len("refiner_"):]} if stage == "refiner" else {}
+        folder = bundles / {"coarse": "flare22_coarse", "solid": "flare22_fine_solid",
+                            "digestive": "flare22_fine_digestive", "vessels": "flare22_fine_vessels",
+                            "locator": "flare22_small_locator", "refiner": "flare22_small_refiner"}[stage]
+        parser = read_stage_config(folder, {**TINY_STAGES[stage], **extra}, stage)
+        checkpoint = Path(parser.get_parsed_content("ckpt_path"))
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": parser.get_parsed_content("network_def").state_dict()}, checkpoint)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A folder of stage bundles with (tiny, random) weights and the cascade bundle assembled from them."""
+    bundles = tmp_path_factory.mktemp("trained") / "bundles"
+    shutil.copytree(BUNDLES, bundles, ignore=shutil.ignore_patterns("models", "eval", "__pycache__"))
+    _stage_checkpoints(bundles)
+    assemble_cascade(bundles, stage_overrides=TINY_STAGES)
+    return bundles
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory) -> Path:
+    return write_phantom(tmp_path_factory.mktemp("ct") / "case_0000.nii.gz", orientation="LPS")
+
+
+def _client_parts(bundle: Path, bundle_root: str | None):
+    """What a client reads from a bundle: the parser (``bundle_root`` as the client sets it, or left as the config
+    has it, as MONAI Deploy does) and the parts by id, with loaders and savers removed by class name."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    if bundle_root is not None:
+        parser["bundle_root"] = bundle_root
+
+    def without_io(transforms) -> Compose:
+        kept = [t for t in transforms.transforms if not any(n in type(t).__name__ for n in ("LoadImage", "SaveImage"))]
+        return Compose(kept)
+
+    pre = without_io(parser.get_parsed_content("preprocessing"))
+    post = without_io(parser.get_parsed_content("postprocessing"))
+    return parser, pre, parser.get_parsed_content("inferer"), post
+
+
+def _client_labels(ct: Path, pre, inferer, post, network) -> np.ndarray:
+    """One request as the clients make it: only ``image`` (loaded by the client), a batch of one to the inferer."""
+    data = pre({"image": LoadImage(image_only=True)(str(ct))})
+    with torch.no_grad():
+        data["pred"] = inferer(inputs=data["image"][None], network=network)[0]
+    return np.asarray(post(data)["pred"])[0]
+
+
+@pytest.fixture(scope="module")
+def segmented(trained, ct) -> np.ndarray:
+    segmenter = Segmenter(bundles_dir=trained, stage_overrides=TINY_STAGES, engine="torch", threads=1)
+    return np.asarray(segmenter(str(ct)).dataobj)
+
+
+def test_the_cascade_bundle_through_a_client_equals_segment(trained, ct, segmented, tmp_path):
+    cascade = tmp_path / "elsewhere" / CASCADE_BUNDLE  # nothing beside it: no stage bundles, no repository
+    shutil.copytree(trained / CASCADE_BUNDLE, cascade)
+    parser, pre, inferer, post = _client_parts(cascade, str(cascade))
+    assert not any("Load" in type(t).__name__ for t in pre.transforms)
+    assert [type(t).__name__ for t in post.transforms] == ["Invertd"]  # the saver went with the client's rule
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(cascade / "models" / "model.pt", weights_only=True))
+    labels = _client_labels(ct, pre, inferer, post, network.eval())
+    assert labels.shape == segmented.shape and np.count_nonzero(segmented) > 0
+    assert np.array_equal(labels, segmented)
+    names = parser["_meta_"]["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert names == label_names() and set(np.unique(labels).tolist()) <= {int(k) for k in names}
+
+
+def test_the_torchscript_export_runs_the_same_cascade(trained, ct, segmented, tmp_path):
+    from monai.bundle import ckpt_export
+
+    cascade = trained / CASCADE_BUNDLE
+    exported = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(exported), ckpt_file=str(cascade / "models" / "model.pt"),
+                meta_file=str(cascade / "configs" / "metadata.json"),
+                config_file=str(cascade / "configs" / "inference.json"), bundle_root=str(cascade))
+    _, pre, inferer, post = _client_parts(cascade, None)  # Deploy: bundle_root left as the config has it
+    labels = _client_labels(ct, pre, inferer, post, torch.jit.load(str(exported)).eval())
+    assert np.array_equal(labels, segmented)
+
+
+def test_assembled_checkpoint_is_one_state_dict_of_every_stage(trained):
+    state = torch.load(trained / CASCADE_BUNDLE / "models" / "model.pt", weights_only=True)
+    assert {key.split(".")[0] for key in state} == set(CASCADE_STAGES)
+    config = json.loads((trained / CASCADE_BUNDLE / "configs" / "inference.json").read_text())
+    network = CascadeNetwork(config["stage_networks"])
+    network.load_state_dict(state)  # strict: the recorded arguments rebuild exactly this network
+    solid = torch.load(trained / "flare22_fine_solid" / "models" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(state[f"solid.{key}"], value) for key, value in solid.items())
