@@ -71,6 +71,19 @@ def train(
         raise SystemExit(f"error: {error}") from None
 
 
+def assemble(bundles_dir: str, out: str | None = None):
+    """Assemble the cascade bundle's one network (every stage a submodule) and ``models/model.pt`` from trained stage
+    bundles in ``bundles_dir`` (``flare-c2f train`` does it at its end), into ``out`` (default
+    ``bundles_dir/flare22_cascade``), for MONAI Label, MONAI Deploy and ``ckpt_export``."""
+    from .assemble import assemble_cascade
+    from .errors import InputError
+
+    try:
+        print(assemble_cascade(bundles_dir, out))
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def sample_ct(out: str, cache: str | None = None):
     """Write the real sample CT (TotalSegmentator 2.18.0's example, fetched once with pip and cached in
     ``$FLARE_C2F_CACHE`` or ``~/.cache/flare_c2f``) as ``out/imagesTs/example_0000.nii.gz`` and its reference
@@ -321,6 +334,7 @@ COMMANDS = {
     "verify_release": verify_release,
     "download_release": download_release,
     "export": export,
+    "assemble": assemble,
 }
 
 

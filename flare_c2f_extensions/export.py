@@ -65,11 +65,14 @@ def export_checkpoint(
         raise ValueError(f"unknown export format(s) {sorted(unknown)}; choose from {FORMATS}")
     flat = flatten_overrides(overrides)
     parser = _parser(bundle_dir, flat)
-    in_channels = int(parser.get_parsed_content("network_def#in_channels"))
+    load_weights(parser.get_parsed_content("network_def"), checkpoint, checkpoint.stem)  # a bad one: one line, now
+    channels_id = "network_def#in_channels"  # the cascade's CascadeNetwork takes its stages' default: one CT channel
+    in_channels = int(parser.get_parsed_content(channels_id)) if channels_id in parser else 1
     input_shape = [1, in_channels, *(int(s) for s in parser.get_parsed_content("spatial_size"))]
     common = {
         "net_id": "network_def",
         "ckpt_file": str(checkpoint),
+        "key_in_ckpt": _key_in_checkpoint(checkpoint),
         "meta_file": str(bundle_dir / "configs" / "metadata.json"),
         "config_file": str(bundle_dir / "configs" / "inference.json"),
         "input_shape": input_shape,
@@ -92,6 +95,13 @@ def export_checkpoint(
     if check:
         result.update(compare(parser, checkpoint, result.get("ts"), result.get("onnx"), input_shape, seed))
     return result
+
+
+def _key_in_checkpoint(checkpoint: Path) -> str:
+    """``"model"`` for a checkpoint saved as ``{"model": state_dict, ...}``, ``""`` for a bare state dict: MONAI's
+    exporters take the whole file for the state dict unless told the key (and then match none of its names)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return "model" if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping) else ""
 
 
 @torch.no_grad()

@@ -532,6 +532,10 @@ def train_cascade(
         _barrier()
     summary = None
     pending = [s.name for s in STAGES if not done_marker(out / s.bundle, s).is_file()]
+    if _rank() == 0 and not pending:  # the cascade bundle's one network and checkpoint, for MONAI's clients
+        from .assemble import assemble_cascade
+
+        print(f"cascade bundle assembled: {assemble_cascade(out)}", flush=True)
     if _rank() == 0:
         if not evaluate:
             pass

@@ -126,3 +126,15 @@ def test_assembled_checkpoint_is_one_state_dict_of_every_stage(trained):
     network.load_state_dict(state)  # strict: the recorded arguments rebuild exactly this network
     solid = torch.load(trained / "flare22_fine_solid" / "models" / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(state[f"solid.{key}"], value) for key, value in solid.items())
+
+
+def test_export_takes_either_checkpoint_form_and_the_whole_cascade(trained, tmp_path):
+    from flare_c2f_extensions.export import export_bundle
+
+    tiny = {"network_def#channels": TINY_STAGES["coarse"]["network_def"]["channels"],
+            "spatial_size": TINY_STAGES["coarse"]["spatial_size"]}
+    wrapped = export_bundle(trained / "flare22_coarse", "ts", tmp_path / "coarse", tiny)  # saved as {"model": ...}
+    assert wrapped[0]["ts_max_abs_diff"] < 1e-4
+    exported = export_bundle(trained / CASCADE_BUNDLE, "ts", tmp_path / "cascade")  # one model.ts: every stage
+    module = torch.jit.load(exported[0]["ts"])
+    assert exported[0]["ts_max_abs_diff"] < 1e-4 and all(hasattr(module, name) for name in CASCADE_STAGES)
