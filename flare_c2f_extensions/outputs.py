@@ -121,9 +121,12 @@ def slicer_color_table(organs: Sequence[int], stem: str) -> str:
 # -- statistics ---------------------------------------------------------------------------------------------------
 
 
-def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray, organs: Sequence[int]) -> dict:
+def organ_statistics(
+    labels: np.ndarray, hu: np.ndarray, affine: np.ndarray, organs: Sequence[int], quality: dict | None = None
+) -> dict:
     """Per organ (by name): FLARE id, voxel count, volume in ml (voxel count x voxel volume), mean and median HU of
-    the input's voxels inside it (``None`` when empty), whether it touches the image border."""
+    the input's voxels inside it (``None`` when empty), whether it touches the image border; with ``quality``
+    (:func:`pseudo_label.organ_quality`) also its :data:`QUALITY_COLUMNS`."""
     from scipy import ndimage
 
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
@@ -142,6 +145,8 @@ def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray, org
             if values.size:
                 entry.update(mean_hu=float(np.mean(values)), median_hu=float(np.median(values)))
             entry["touches_border"] = any(s.start == 0 or s.stop == n for s, n in zip(box, labels.shape))
+        if quality is not None:
+            entry.update({key: quality[ORGANS[organ]].get(key) for key in QUALITY_COLUMNS})
         result[ORGANS[organ]] = entry
     return {"voxel_volume_ml": voxel_ml, "organs": result}
 
@@ -250,9 +255,7 @@ def _write_staged(labels, image_path, staging: Path, label_name: str, stem: str,
     if statistics or preview:
         hu, affine = read_hu(image_path)
         if statistics:
-            stats = organ_statistics(labels, hu, affine, organs)
-            for name, signals in (quality or {}).items():
-                stats["organs"][name].update({key: signals.get(key) for key in QUALITY_COLUMNS})
+            stats = organ_statistics(labels, hu, affine, organs, quality)
             text(f"{stem}_statistics.json", json.dumps(stats, indent=4) + "\n")
             text(f"{stem}_statistics.csv", statistics_csv(stats))
         if preview:

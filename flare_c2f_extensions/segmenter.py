@@ -228,7 +228,7 @@ class Segmenter:
     def __call__(self, image, statistics: bool = False):
         with _as_path(image) as path:
             try:
-                labels, _ = self.labels(path)
+                labels, case = self.labels(path, keep_confidence=statistics)
             except InputError as error:
                 if path == str(image):
                     raise
@@ -238,9 +238,11 @@ class Segmenter:
             if not statistics:
                 return result
             from .outputs import organ_statistics, read_hu
+            from .pseudo_label import organ_quality
 
             hu, affine = read_hu(path)
-            return result, organ_statistics(labels, hu, affine, self.organs)
+            quality = organ_quality(labels, case, affine, self.organs)
+            return result, organ_statistics(labels, hu, affine, self.organs, quality)
 
 
 class _as_path:

@@ -182,9 +182,9 @@ def test_an_unwritable_openvino_cache_runs_uncached_and_a_written_one_is_shared(
     assert stage.engine.name == "openvino" and "runs uncached" in caplog.text
     assert stage.predict(torch.rand(1, 32, 32, 32), False).shape[1] == 14
 
-    monkeypatch.setenv("FLARE_C2F_CACHE", str(tmp_path / "shared"))
+    monkeypatch.setenv("FLARE_C2F_CACHE", str(tmp_path / "common_cache"))
     _coarse_with_weights(tmp_path / "two")
-    written = [p for p in (tmp_path / "shared").rglob("*") if not p.name.startswith(".write-test")]
+    written = [p for p in (tmp_path / "common_cache").rglob("*") if not p.name.startswith(".write-test")]
     assert any(p.name == "model.xml" for p in written)
     for path in written:  # readable by the other users of a shared cache (umask 022 in the tests)
         mode = stat.S_IMODE(path.stat().st_mode)
