@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, SaveImaged
 
 from .discovery import case_name
 from .files import write_nifti_atomic
@@ -112,7 +112,17 @@ class SaveLabelMapd(MapTransform):
         return data
 
 
-class FlareSaveImaged(SaveLabelMapd):
-    """:class:`SaveLabelMapd` under a name that MONAI Label and MONAI Deploy take for a saver: both drop the
-    transforms whose class name holds ``SaveImage`` from a bundle's ``postprocessing`` and write the result
-    themselves, so a served request never writes into the bundle's ``eval/`` folder."""
+class FlareSaveImaged(SaveImaged):
+    """:class:`SaveLabelMapd`'s writing as a ``SaveImaged``: MONAI Label drops the ``SaveImaged`` instances from a
+    bundle's ``postprocessing`` and MONAI Deploy the transforms whose class name holds ``SaveImage``, and each writes
+    the result itself, so a served request never writes into the bundle's ``eval/`` folder. ``monai.bundle run``
+    writes ``<case>.nii.gz`` (FLARE names, uint8, the input's exact geometry) into ``output_dir``."""
+
+    def __init__(
+        self, keys: KeysCollection = "pred", output_dir: str | os.PathLike = "./eval", allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, output_dir=output_dir, allow_missing_keys=allow_missing_keys)
+        self.save_label_map = SaveLabelMapd(keys, output_dir, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> Mapping[Hashable, object]:
+        return self.save_label_map(data)

@@ -12,11 +12,12 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from monai.transforms import Compose, LoadImage
+from monai.transforms import Compose, LoadImage, SaveImaged
 
 from flare_c2f_extensions.assemble import assemble_cascade
 from flare_c2f_extensions.configs import read_stage_config
@@ -67,8 +68,9 @@ def _client_parts(bundle: Path, bundle_root: str | None):
     if bundle_root is not None:
         parser["bundle_root"] = bundle_root
 
-    def without_io(transforms) -> Compose:
+    def without_io(transforms) -> Compose:  # Deploy's rule (class names); MONAI Label drops SaveImaged instances
         kept = [t for t in transforms.transforms if not any(n in type(t).__name__ for n in ("LoadImage", "SaveImage"))]
+        assert all(isinstance(t, SaveImaged) for t in transforms.transforms if "SaveImage" in type(t).__name__)
         return Compose(kept)
 
     pre = without_io(parser.get_parsed_content("preprocessing"))
@@ -76,12 +78,18 @@ def _client_parts(bundle: Path, bundle_root: str | None):
     return parser, pre, parser.get_parsed_content("inferer"), post
 
 
-def _client_labels(ct: Path, pre, inferer, post, network) -> np.ndarray:
-    """One request as the clients make it: only ``image`` (loaded by the client), a batch of one to the inferer."""
+def _client_labels(ct: Path, pre, inferer, post, network, saved_to: Path | None = None) -> np.ndarray:
+    """One request as the clients make it: only ``image`` (loaded by the client), a batch of one to the inferer.
+    ``saved_to``: also run the bundle's own saver there, as ``monai.bundle run`` would."""
     data = pre({"image": LoadImage(image_only=True)(str(ct))})
     with torch.no_grad():
-        data["pred"] = inferer(inputs=data["image"][None], network=network)[0]
-    return np.asarray(post(data)["pred"])[0]
+        data["pred"] = inferer(data["image"][None], network)[0]  # MONAI Label: positional; Deploy: by keyword
+    data = post(data)
+    if saved_to is not None:
+        from flare_c2f_extensions.label_maps import FlareSaveImaged
+
+        FlareSaveImaged("pred", saved_to)(data)
+    return np.asarray(data["pred"])[0]
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +106,12 @@ def test_the_cascade_bundle_through_a_client_equals_segment(trained, ct, segment
     assert [type(t).__name__ for t in post.transforms] == ["Invertd"]  # the saver went with the client's rule
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(cascade / "models" / "model.pt", weights_only=True))
-    labels = _client_labels(ct, pre, inferer, post, network.eval())
+    labels = _client_labels(ct, pre, inferer, post, network.eval(), saved_to=tmp_path / "eval")
     assert labels.shape == segmented.shape and np.count_nonzero(segmented) > 0
     assert np.array_equal(labels, segmented)
+    written = nib.load(str(tmp_path / "eval" / "case.nii.gz"))  # FLARE's name, the input's exact geometry
+    assert np.array_equal(np.asarray(written.dataobj), segmented)
+    assert np.array_equal(written.affine, nib.load(ct).affine)
     names = parser["_meta_"]["network_data_format"]["outputs"]["pred"]["channel_def"]
     assert names == label_names() and set(np.unique(labels).tolist()) <= {int(k) for k in names}
 
@@ -114,6 +125,10 @@ def test_the_torchscript_export_runs_the_same_cascade(trained, ct, segmented, tm
                 meta_file=str(cascade / "configs" / "metadata.json"),
                 config_file=str(cascade / "configs" / "inference.json"), bundle_root=str(cascade))
     _, pre, inferer, post = _client_parts(cascade, None)  # Deploy: bundle_root left as the config has it
+    with torch.no_grad():  # Deploy calls by keyword
+        image = pre({"image": LoadImage(image_only=True)(str(ct))})["image"]
+        pred = inferer(inputs=image[None], network=torch.jit.load(str(exported)).eval())
+    assert pred.shape[:2] == (1, 1) and pred.dtype == torch.uint8
     labels = _client_labels(ct, pre, inferer, post, torch.jit.load(str(exported)).eval())
     assert np.array_equal(labels, segmented)
 
