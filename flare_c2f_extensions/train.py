@@ -34,7 +34,7 @@ import numpy as np
 from .discovery import case_name, labelled_cases, split_cases
 from .engines import HASH_MEMO_MARGIN_S, file_sha256
 from .errors import InputError, input_error_in
-from .files import write_nifti_atomic, write_text_atomic
+from .files import atomic_path, write_nifti_atomic, write_text_atomic
 from .images import HU_RANGE, read_ct
 from .labels import GROUPS, ORGANS
 from .paths import BUNDLES_DIR, STAGE_BUNDLES
@@ -484,6 +484,21 @@ def _common_settings(cache_data: Path, num_val: int, epochs, device, distributed
     return common
 
 
+def default_refiner_checkpoint(refiner: Path) -> Path | None:
+    """``models/model.pt`` of the refiner bundle: its default organ's checkpoint (the config's ``organ``), the file
+    MONAI Label and ``monai.bundle`` look for; ``None`` until that organ is trained."""
+    config = refiner / "configs" / "inference.json"
+    if not config.is_file():
+        return None
+    organ = json.loads(config.read_text())["organ"]
+    trained = refiner / "models" / f"model_{organ}.pt"
+    if not trained.is_file():
+        return None
+    with atomic_path(refiner / "models" / "model.pt") as tmp:
+        shutil.copyfile(trained, tmp)
+    return refiner / "models" / "model.pt"
+
+
 def train_cascade(
     dataset_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -532,6 +547,8 @@ def train_cascade(
         _barrier()
     summary = None
     pending = [s.name for s in STAGES if not done_marker(out / s.bundle, s).is_file()]
+    if _rank() == 0:
+        default_refiner_checkpoint(out / STAGE_BUNDLES["refiner"])
     if _rank() == 0 and not pending:  # the cascade bundle's one network and checkpoint, for MONAI's clients
         from .assemble import assemble_cascade
 

@@ -345,6 +345,8 @@ class CropFromMaskd(MapTransform, InvertibleTransform):
     Besides the per-key meta (see :class:`CropFromMask`), the dictionary gets ``d[box_key]`` (int64 array
     ``[start, stop]`` in image voxels; the whole volume when skipped) and ``d[skipped_key]`` (bool); either key
     can be disabled with ``None``. Skipping never raises and logs ``"no <organs> in mask: stage skipped"``.
+    Without ``d[mask_key]`` (a stage bundle served by MONAI Label or MONAI Deploy gets the image alone) the whole
+    volume is the box: the stage runs from the image alone, on the whole field of view.
     """
 
     backend = CropFromMask.backend
@@ -383,12 +385,16 @@ class CropFromMaskd(MapTransform, InvertibleTransform):
         if ref_key == []:
             return d
         ref = d[ref_key]
-        box = self.cropper.compute_box(ref, d[self.mask_key], *self._jitter(len(ref.shape) - 1))
-        if box is None:
-            self.cropper.warn_skipped()
+        whole = (tuple(0 for _ in ref.shape[1:]), tuple(int(s) for s in ref.shape[1:]))
+        if self.mask_key in d:
+            box = self.cropper.compute_box(ref, d[self.mask_key], *self._jitter(len(ref.shape) - 1))
+            if box is None:
+                self.cropper.warn_skipped()
+        else:  # the image alone (a stage bundle served by MONAI Label or Deploy): its organs looked for everywhere
+            logger.info("no %s mask given: the whole volume is the box", self.mask_key)
+            box = whole
         for key, mode in self.key_iterator(d, self.mode):
             d[key] = self.cropper.crop(d[key], box, mode)
-        whole = (tuple(0 for _ in ref.shape[1:]), tuple(int(s) for s in ref.shape[1:]))
         if self.box_key is not None:
             d[self.box_key] = np.asarray(whole if box is None else box, dtype=np.int64)
         if self.skipped_key is not None:

@@ -153,3 +153,38 @@ def test_export_takes_either_checkpoint_form_and_the_whole_cascade(trained, tmp_
     exported = export_bundle(trained / CASCADE_BUNDLE, "ts", tmp_path / "cascade")  # one model.ts: every stage
     module = torch.jit.load(exported[0]["ts"])
     assert exported[0]["ts_max_abs_diff"] < 1e-4 and all(hasattr(module, name) for name in CASCADE_STAGES)
+
+
+STAGE_BUNDLES_SERVED = ["flare22_coarse", "flare22_fine_solid", "flare22_fine_digestive", "flare22_fine_vessels",
+                        "flare22_small_locator", "flare22_small_refiner"]
+
+
+@pytest.mark.parametrize("bundle", STAGE_BUNDLES_SERVED)
+def test_every_stage_bundle_runs_from_the_image_alone_and_names_what_it_writes(trained, ct, bundle, tmp_path):
+    """A client sends only ``image`` (no coarse or locator mask): each stage bundle runs from it, through its
+    TorchScript export, and writes only the ids its ``channel_def`` names (refiner: models/model.pt, its default)."""
+    from monai.bundle import ckpt_export
+
+    from flare_c2f_extensions.train import default_refiner_checkpoint
+
+    folder = trained / bundle
+    if bundle == "flare22_small_refiner":
+        assert default_refiner_checkpoint(folder) == folder / "models" / "model.pt"
+    stage = {"flare22_coarse": "coarse", "flare22_small_locator": "locator", "flare22_small_refiner": "refiner"}.get(
+        bundle, bundle.split("_")[-1])
+    tiny = {"network_def#channels": TINY_STAGES[stage]["network_def"]["channels"],
+            "spatial_size": TINY_STAGES[stage]["spatial_size"]}
+    exported = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(exported), ckpt_file=str(folder / "models" / "model.pt"),
+                key_in_ckpt="model", meta_file=str(folder / "configs" / "metadata.json"),
+                config_file=str(folder / "configs" / "inference.json"), bundle_root=str(folder), **tiny)
+    parser, pre, inferer, post = _client_parts(folder, None)
+    for key, value in tiny.items():
+        parser[key] = value
+    pre = Compose([t for t in parser.get_parsed_content("preprocessing").transforms if "LoadImage" not in
+                   type(t).__name__])
+    post = Compose([t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)])
+    labels = _client_labels(ct, pre, parser.get_parsed_content("inferer"), post, torch.jit.load(str(exported)))
+    names = parser["_meta_"]["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert labels.shape == nib.load(str(ct)).shape
+    assert set(np.unique(labels).tolist()) <= {int(k) for k in names} and "organ" not in json.dumps(names)

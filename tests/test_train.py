@@ -53,11 +53,15 @@ def test_train_every_stage_then_segment_with_the_bundles(cohort, tmp_path, capsy
         assert (out / stage.bundle / "logs" / f"train_{stage.name}.log").stat().st_size > 0
         state = out / stage.bundle / "train_state"
         assert not state.exists() or not any(state.rglob("*.pt"))
-    assert sorted(p.name for p in (out / "flare22_small_refiner" / "models").iterdir()) == sorted(
-        f"model_{s.organ}.pt" for s in STAGES if s.organ)
+    refiners = out / "flare22_small_refiner" / "models"
+    assert sorted(p.name for p in refiners.iterdir()) == sorted(
+        ["model.pt"] + [f"model_{s.organ}.pt" for s in STAGES if s.organ])
+    assert (refiners / "model.pt").read_bytes() == (refiners / "model_gallbladder.pt").read_bytes()  # the default
     inference = json.loads((out / "flare22_fine_solid" / "configs" / "inference.json").read_text())
     assert inference["network_def"]["channels"] == [4, 8, 8, 8, 8] and inference["spatial_size"] == [32, 32, 32]
-    assert (out / "flare22_cascade" / "configs" / "inference.json").is_file()
+    cascade_config = json.loads((out / "flare22_cascade" / "configs" / "inference.json").read_text())
+    assert cascade_config["stage_networks"]["solid"]["channels"] == [4, 8, 8, 8, 8]  # assembled for MONAI's clients
+    assert (out / "flare22_cascade" / "models" / "model.pt").is_file() and "cascade bundle assembled" in printed
     # the closing table: the cascade on the held-out validation case, FLARE22 metrics
     assert "mean (13 organs)" in printed
     assert json.loads((out / "evaluation" / "summary.json").read_text())["num_cases"] == 1
