@@ -416,7 +416,10 @@ def run_segment(
 
         for image, _ in images:
             check_source(image)
-    parse_device(options.get("device"))
+    device = parse_device(options.get("device"))
+    from .engines import resolve_engine
+
+    resolve_engine(options.get("engine", "auto"), device or ("cuda" if _cuda() else "cpu"))
     parse_threads(options.get("threads"))
     parse_seed(options.get("seed", 0))
     parse_max_voxels(options.get("max_voxels", "default"))
@@ -461,6 +464,12 @@ def run_segment(
     write_text_atomic(json.dumps(report, indent=4) + "\n", report_path)
     report["report"] = str(report_path)
     return report
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def report_path_for(folder: Path, targets, single_file: bool) -> Path:

@@ -484,6 +484,20 @@ def _common_settings(cache_data: Path, num_val: int, epochs, device, distributed
     return common
 
 
+def check_counts(dataset_dir, epochs, num_val) -> tuple[int | None, int]:
+    """``--epochs`` (a positive whole number, or ``None``: the configs') and ``--num_val`` (at least one case to
+    validate and one to train among the labelled cases), checked before the cache or any stage is touched."""
+    def whole(value, name: str) -> int:
+        if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) < 1:
+            raise InputError(f"--{name}: expected a positive whole number, got {value!r}")
+        return int(value)
+
+    epochs = None if epochs is None else whole(epochs, "epochs")
+    num_val = whole(num_val, "num_val")
+    split_cases(labelled_cases(dataset_dir), num_val)  # the labelled cases and the split, refused now if unusable
+    return epochs, num_val
+
+
 def default_refiner_checkpoint(refiner: Path) -> Path | None:
     """``models/model.pt`` of the refiner bundle: its default organ's checkpoint (the config's ``organ``), the file
     MONAI Label and ``monai.bundle`` look for; ``None`` until that organ is trained."""
@@ -522,6 +536,7 @@ def train_cascade(
     out = Path(out)
     plans = select_stages(stages)
     user = parse_overrides(overrides)
+    epochs, num_val = check_counts(dataset_dir, epochs, num_val)
     distributed = _distributed()
     if distributed:
         _init_process_group()

@@ -359,3 +359,17 @@ def test_segment_reports_quality_signals_and_flags_an_implausible_organ(phantom,
     assert "check the liver" in capsys.readouterr().err
     header = (out / "a_statistics.csv").read_text().splitlines()[0].split(",")
     assert header[-4:] == ["mean_confidence", "confidence_p10", "dropped_fraction", "flags"]
+
+
+# -- my own probe, after the fixes: options whose values were checked only once the work had started --------------
+
+
+def test_values_of_options_are_checked_before_any_file_is_written(phantom, cohort, tmp_path):
+    out = tmp_path / "out"
+    assert "unknown engine" in refused(["segment", "-i", str(phantom), "-o", str(out), *RANDOM, "--engine", "onnx"])
+    assert not out.exists()
+    trained = tmp_path / "trained"
+    for bad, what in ((["--epochs", "abc"], "--epochs"), (["--epochs", "0"], "--epochs"),
+                      (["--num_val", "abc"], "--num_val"), (["--num_val", "10"], "leaves no case to train")):
+        message = refused(["train", "--dataset_dir", str(cohort), "--out", str(trained), *bad])
+        assert what in message and not trained.exists(), message
