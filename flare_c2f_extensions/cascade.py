@@ -44,7 +44,14 @@ from .discovery import case_name
 from .efficiency import ResourceMonitor
 from .engines import resolve_engine
 from .errors import InputError, InputWarnings
-from .files import finished_output, outputs_apart_from_inputs, prepare_output_dir, write_text_atomic
+from .files import (
+    finished,
+    output_provenance_of,
+    outputs_apart_from_inputs,
+    prepare_output_dir,
+    refuse_foreign_outputs,
+    write_text_atomic,
+)
 from .images import image_geometry, read_ct
 from .label_maps import save_label_map
 from .labels import GROUPS, ORGANS, organ_id
@@ -281,6 +288,24 @@ class Cascade:
         lap("postprocess")
         return CaseResult(result, seconds, skipped, confidence, dropped)
 
+    @property
+    def stages(self) -> list[Stage]:
+        return [self.coarse, *self.groups, *([self.locator] if self.locator else []), *self.refiners]
+
+    def labels_options(self) -> dict:
+        """What decides this cascade's label maps: its organs, each stage's weights by content (sha256 of the
+        checkpoint; ``random`` for random weights), engine and precision. Recorded in every label map the batch
+        runners write and compared on a rerun (:func:`files.finished`)."""
+        from .engines import checkpoint_sha256
+
+        organs = sorted({organ for stage in self.stages for organ in stage.labels})
+        weights = {
+            stage.network_name: checkpoint_sha256(stage.checkpoint) if stage.checkpoint else "random"
+            for stage in self.stages
+        }
+        return {"organs": [ORGANS[o] for o in organs], "weights": weights, "engine": self.engine, "amp": self.amp,
+                "coarse_amp": self.coarse_amp}
+
     def with_networks(self, network: torch.nn.Module) -> Cascade:
         """This cascade's stages run by the submodules of ``network`` (a
         :class:`~flare_c2f_extensions.networks.CascadeNetwork` or its TorchScript export), under torch."""
@@ -447,8 +472,10 @@ class CascadeRunner:
     folder that cannot be created and written or whose outputs would overwrite an input or be taken for inputs on
     the next run (the input's own folder). Two inputs that would write the same output file (``a.nii`` and
     ``a.nii.gz``, or ``a_0000.nii.gz`` and a DICOM folder ``a``): the later one fails, the earlier one is written.
-    A file already at a case's output path counts as finished only if it reads back as a label map with the
-    image's shape and affine; anything else there is segmented again (``"redone"`` in the report says why).
+    Every label map records its input's content hash and the cascade's :meth:`Cascade.labels_options`; a file at a
+    case's output path counts as finished only when both still hold (else it is segmented again, and ``"redone"``
+    says why), and one this tool did not write (another CT, an edited map) stops the run before any case unless
+    ``overwrite`` (:func:`files.refuse_foreign_outputs`), as ``flare-c2f segment`` does.
 
     ``exit_on_failure``: after writing the report, end the process with exit status
     :data:`FAILED_CASES_EXIT_STATUS` when any case failed, listing the failed cases on stderr (the bundle's
@@ -478,7 +505,10 @@ class CascadeRunner:
 
     def run(self) -> dict:
         outputs_apart_from_inputs(list(zip(self.images, self.names)), self.output_dir)
+        targets = [(image, self.output_dir / f"{name}.nii.gz") for image, name in zip(self.images, self.names)]
+        refuse_foreign_outputs(targets, self.overwrite)
         prepare_output_dir(self.output_dir)
+        labels_options = self.cascade.labels_options()
         cases = []
         claimed: dict[str, str] = {}
         bar = tqdm(list(zip(self.images, self.names)), desc="cascade", unit="case", disable=not self.progress)
@@ -490,11 +520,20 @@ class CascadeRunner:
                 cases.append({"case": name, "status": "failed", "error": message})
                 continue
             claimed[name] = str(image)
-            redone = self._unfinished(image, name)
+            try:
+                provenance = output_provenance_of(image, labels_options)
+                redone = "" if self.overwrite else finished(self.output_dir / f"{name}.nii.gz", provenance)
+            except (OSError, InputError) as error:  # an unreadable input fails as a case, with its own message
+                provenance, redone = None, ""
+                logger.debug("%s: no provenance (%s)", image, error)
             if redone is None:
                 cases.append({"case": name, "status": "exists"})
                 continue
-            cases.append({"case": name, **self._segment(image, name), **({"redone": redone} if redone else {})})
+            if redone:
+                logger.warning("%s: exists but %s: segmenting the case again", self.output_dir / f"{name}.nii.gz",
+                               redone)
+            case = self._segment(image, name, provenance)
+            cases.append({"case": name, **case, **({"redone": redone} if redone else {})})
         report = _summarise(cases, self.cascade.device, self.ignored)
         try:
             _write_report(report, self.output_dir, self.report_name)
@@ -504,25 +543,11 @@ class CascadeRunner:
         self._end(report)
         return report
 
-    def _unfinished(self, image, name: str) -> str | None:
-        """``None`` if the case's output is finished (and not to be overwritten), ``""`` if there is none or it is
-        to be overwritten, else why the file there is not a finished output."""
-        output = self.output_dir / f"{name}.nii.gz"
-        if self.overwrite or not (output.exists() or output.is_symlink()):
-            return ""
-        try:
-            why = finished_output(output, image_geometry(image))
-        except InputError:  # the image itself is bad: the case runs and fails with its own message
-            return ""
-        if why is not None:
-            logger.warning("%s: exists but %s: segmenting the case again", output, why)
-        return why
-
-    def _segment(self, image, name: str) -> dict:
+    def _segment(self, image, name: str, provenance: dict | None) -> dict:
         try:
             with InputWarnings() as warned, ResourceMonitor(self.cascade.device) as monitor:
                 result = self.cascade.segment(image)
-                save_label_map(result.labels, image, self.output_dir, name=name)
+                save_label_map(result.labels, image, self.output_dir, name=name, provenance=provenance)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as error:  # one bad case must not stop the batch

@@ -10,23 +10,22 @@ import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
 from .errors import InputError
 
-if TYPE_CHECKING:
-    from .geometry import Geometry
-
 __all__ = [
     "PROVENANCE_KEY",
+    "add_provenance",
     "atomic_path",
     "content_sha256",
-    "finished_output",
+    "finished",
     "labels_sha256",
     "output_provenance",
+    "output_provenance_of",
+    "refuse_foreign_outputs",
     "outputs_apart_from_inputs",
     "prepare_output_dir",
     "write_nifti_atomic",
@@ -93,27 +92,6 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def finished_output(output: str | os.PathLike, geometry: Geometry) -> str | None:
-    """``None`` if ``output`` is a finished label map of the image with ``geometry`` (it reads back whole as a
-    label map with the image's shape and affine), else why not."""
-    output = Path(output)
-    try:
-        written = nib.load(str(output))
-        shape = tuple(int(s) for s in written.shape)
-        if shape != tuple(geometry.shape):
-            return f"its shape {shape} is not the image's {tuple(geometry.shape)}"
-        if not np.allclose(written.affine, geometry.affine, atol=1e-3, rtol=0):
-            return "its affine is not the image's"
-        if written.get_data_dtype().kind not in "ui":
-            return f"it holds {written.get_data_dtype()} values, not labels"
-        data = np.asarray(written.dataobj)  # reads every byte: a truncated file fails here
-    except Exception as error:  # nibabel raises several types for broken files
-        return f"it cannot be read whole ({type(error).__name__}: {error})"
-    if data.size and (data.min() < 0 or data.max() >= 256):
-        return "its values are not labels"
-    return None
-
-
 def outputs_apart_from_inputs(images: Sequence[tuple[str | os.PathLike, str]], output_dir: str | os.PathLike) -> None:
     """Refuse, before any case runs, an output folder whose outputs would overwrite an input or be listed as
     inputs on the next run: the folder of an input image (or inside a DICOM series folder), or an output path
@@ -166,8 +144,11 @@ def labels_sha256(labels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.uint8).tobytes()).hexdigest()
 
 
-def provenance_extension(record: dict) -> nib.nifti1.Nifti1Extension:
-    return nib.nifti1.Nifti1Extension("comment", json.dumps({PROVENANCE_KEY: record}).encode())
+def add_provenance(image: nib.Nifti1Image, provenance: dict) -> nib.Nifti1Image:
+    """``image`` (a label map about to be written) with ``provenance`` and the hash of its labels in its header."""
+    record = {**provenance, "labels_sha256": labels_sha256(np.asanyarray(image.dataobj))}
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", json.dumps({PROVENANCE_KEY: record}).encode()))
+    return image
 
 
 def output_provenance(output: str | os.PathLike) -> tuple[dict | None, str | None]:
@@ -180,6 +161,8 @@ def output_provenance(output: str | os.PathLike) -> tuple[dict | None, str | Non
     output = Path(output)
     if output.is_dir():
         return None, "it is a folder"
+    if output.is_file() and output.stat().st_size == 0:
+        return {}, "it is empty"  # holds nothing to lose: written again
     try:
         written = nib.load(str(output))
         dtype, shape = written.get_data_dtype(), written.shape
@@ -208,3 +191,65 @@ def _provenance_record(image) -> dict | None:
         if isinstance(content, dict) and isinstance(content.get(PROVENANCE_KEY), dict):
             return content[PROVENANCE_KEY]
     return None
+
+
+def output_provenance_of(image: str | os.PathLike, labels_options: dict, outputs: Sequence[str] = ()) -> dict:
+    """What a label map records of itself (besides its own labels' hash): the input (real path and content hash),
+    the options that decided its labels and the names of the other outputs written beside it."""
+    return {
+        "input": os.path.realpath(image), "input_sha256": content_sha256(image), "labels_options": labels_options,
+        "outputs": sorted(outputs),
+    }
+
+
+def finished(target: Path, provenance: dict, expected: Sequence[Path] = ()) -> str | None:
+    """``None`` if ``target`` is this tool's label map of the same input content with the same label options and
+    the outputs asked for now (``provenance``, :func:`output_provenance_of`), each of the ``expected`` paths there;
+    ``""`` if there is no file; else why it must be made again. A file this tool did not write (or one edited
+    since) is an :class:`InputError`: only ``--overwrite`` replaces it (:func:`refuse_foreign_outputs`)."""
+    if not (target.exists() or target.is_symlink()):
+        return ""
+    record, why = output_provenance(target)
+    if record is None:  # appeared since refuse_foreign_outputs looked
+        raise InputError(f"{target}: exists and {why}: --overwrite replaces it")
+    if why is not None:
+        return why
+    before, now = record.get("labels_options"), provenance["labels_options"]
+    if record.get("input_sha256") != provenance["input_sha256"]:
+        return "its input has changed since"
+    if before != now:
+        changed = [key for key in now if not isinstance(before, dict) or before.get(key) != now[key]]
+        return f"it was made with other options ({', '.join(changed)})"
+    missing = [p.name for p in expected if not p.exists()]
+    missing += sorted(set(provenance["outputs"]) - set(record.get("outputs", [])))
+    if missing:
+        return f"outputs asked for now are missing ({', '.join(dict.fromkeys(missing))})"
+    return None
+
+
+def refuse_foreign_outputs(targets, overwrite: bool = False) -> None:
+    """Stop before any work if a label map to be written is a folder, or exists and this tool did not write it for
+    this input (another CT, a hand-corrected map): only ``overwrite`` replaces such a file. Where two inputs share
+    an output name, the first one owns it (the others fail as cases)."""
+    owners = {}
+    for image, target in targets:
+        owners.setdefault(str(target), (image, target))
+    problems = []
+    for image, target in owners.values():
+        if target.is_dir():
+            problems.append(f"{target}: is a folder, not a label map file; choose another output")
+            continue
+        if overwrite or not target.exists():
+            continue
+        record, why = output_provenance(target)
+        if record is None:  # a damaged file of this tool's (record and why) is written again
+            problems.append(f"{target}: exists and {why}")
+        elif why is None and record.get("input") != os.path.realpath(image) and (
+            record.get("input_sha256") != content_sha256(image)
+        ):
+            problems.append(f"{target}: exists and holds the segmentation of another input, {record.get('input')}")
+    if problems:
+        more = f" (and {len(problems) - 1} more output(s))" if len(problems) > 1 else ""
+        raise InputError(f"{problems[0]}{more}: nothing was written; --overwrite replaces it, or choose another output")
+
+

@@ -13,7 +13,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, SaveImaged
 
 from .discovery import case_name
-from .files import write_nifti_atomic
+from .files import add_provenance, write_nifti_atomic
 from .geometry import Geometry
 from .images import image_geometry
 
@@ -25,10 +25,13 @@ def save_label_map(
     reference: str | os.PathLike | Geometry,
     output_dir: str | os.PathLike,
     name: str | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """Write ``labels`` as ``output_dir/<case>.nii.gz`` (uint8) with exactly the reference image's geometry
-    (:func:`label_map_image`)."""
+    (:func:`label_map_image`) and, given, its ``provenance`` (:func:`files.add_provenance`)."""
     out = label_map_image(labels, reference)
+    if provenance is not None:
+        add_provenance(out, provenance)
     source = reference.source if isinstance(reference, Geometry) else reference
     return write_nifti_atomic(out, Path(output_dir) / f"{name or case_name(source)}.nii.gz")
 

@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from .discovery import NIFTI_SUFFIXES
-from .files import labels_sha256, provenance_extension, write_nifti_atomic, write_text_atomic
+from .files import add_provenance, write_nifti_atomic, write_text_atomic
 from .images import image_geometry, read_voxels
 from .label_maps import label_map_image
 from .labels import ORGANS, label_names
@@ -76,10 +76,7 @@ def named_label_image(
     image.header["descrip"] = f"flare-c2f FLARE22 organ ids; names: {stem}.json"[:79].encode()
     names = json.dumps(label_names(tuple(organs))).encode()
     image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", names))
-    if provenance is not None:
-        record = {**provenance, "labels_sha256": labels_sha256(np.asanyarray(image.dataobj))}
-        image.header.extensions.append(provenance_extension(record))
-    return image
+    return image if provenance is None else add_provenance(image, provenance)
 
 
 def case_outputs(target: str | os.PathLike, per_organ=False, dicom_seg=False, statistics=False, preview=False):

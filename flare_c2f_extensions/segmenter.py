@@ -198,22 +198,15 @@ class Segmenter:
             self.organs, device, amp, bundles_dir, stage_dirs, stage_overrides,
             as_bool(require_weights, "require_weights"), self.seed, engine, max_voxels,
         )
-        self.checkpoints = stage_checkpoints(*stage_sources(bundles_dir, stage_dirs, stage_overrides), self.organs)
 
     def labels_options(self) -> dict:
-        """What decides this segmenter's label maps (organs, each stage's weights by content, engine, precision),
-        recorded in every label map ``flare-c2f segment`` writes and compared on a rerun."""
-        from .engines import checkpoint_sha256
-
-        weights = {
-            label: checkpoint_sha256(path) if path.is_file() else f"random (seed {self.seed})"
-            for label, path in self.checkpoints
-        }
-        cascade = self.cascade
-        return {
-            "organs": [ORGANS[o] for o in self.organs], "weights": weights, "engine": cascade.engine,
-            "amp": cascade.amp, "coarse_amp": cascade.coarse_amp,
-        }
+        """What decides this segmenter's label maps (:meth:`Cascade.labels_options`, with the organs asked for and
+        the seed of random weights), recorded in every label map ``flare-c2f segment`` writes."""
+        options = self.cascade.labels_options()
+        options["organs"] = [ORGANS[o] for o in self.organs]
+        seeded = f"random (seed {self.seed})"
+        options["weights"] = {name: seeded if sha == "random" else sha for name, sha in options["weights"].items()}
+        return options
 
     def labels(self, path: str | os.PathLike, keep_confidence: bool = False):
         """The label map of the CT at ``path`` (file layout, FLARE ids of the chosen organs only) and the cascade's
@@ -426,8 +419,10 @@ def run_segment(
     if "amp" in options and options["amp"] is not None:
         as_bool(options["amp"], "amp")
     check_weights(chosen, options)
-    refuse_foreign_outputs(targets, overwrite)
+    from .files import refuse_foreign_outputs
     from .pseudo_label import load_volume_reference
+
+    refuse_foreign_outputs(targets, overwrite)
 
     volumes = load_volume_reference(reference)
     folder = prepare_output_dir(targets[0][1].parent)
@@ -486,32 +481,6 @@ def report_path_for(folder: Path, targets, single_file: bool) -> Path:
     return folder / name
 
 
-def refuse_foreign_outputs(targets, overwrite: bool = False) -> None:
-    """Stop before any work if a label map to be written is a folder, or exists and this tool did not write it for
-    this input (another CT, a hand-corrected map): only ``overwrite`` replaces such a file. Where two inputs share
-    an output name, the first one owns it (the others fail as cases)."""
-    from .files import content_sha256, output_provenance
-
-    owners = {}
-    for image, target in targets:
-        owners.setdefault(str(target), (image, target))
-    problems = []
-    for image, target in owners.values():
-        if target.is_dir():
-            problems.append(f"{target}: is a folder, not a label map file; choose another output")
-            continue
-        if overwrite or not target.exists():
-            continue
-        record, why = output_provenance(target)
-        if record is None:  # a damaged file of this tool's (record and why) is written again
-            problems.append(f"{target}: exists and {why}")
-        elif record.get("input") != os.path.realpath(image) and record.get("input_sha256") != content_sha256(image):
-            problems.append(f"{target}: exists and holds the segmentation of another input, {record.get('input')}")
-    if problems:
-        more = f" (and {len(problems) - 1} more output(s))" if len(problems) > 1 else ""
-        raise InputError(f"{problems[0]}{more}: nothing was written; --overwrite replaces it, or choose another output")
-
-
 def _quality(labels, result, image, organs, reference) -> dict:
     """Each organ's quality signals and flags (:func:`pseudo_label.organ_quality`); a flagged organ is a warning."""
     from .images import image_geometry
@@ -530,7 +499,8 @@ def _run_cases(
     from .discovery import case_name
     from .efficiency import ResourceMonitor
     from .errors import input_error_in
-    from .outputs import write_case
+    from .files import output_provenance_of
+    from .outputs import case_outputs, write_case
 
     cases, claimed = [], {}
     labels_options = segmenter.labels_options()
@@ -541,8 +511,8 @@ def _run_cases(
         else:
             claimed[str(target)] = image
             try:
-                provenance = _provenance(image, labels_options, what)
-                if not overwrite and _finished(target, provenance, what, case):
+                provenance = output_provenance_of(image, labels_options, [n for n, wanted in what.items() if wanted])
+                if not overwrite and _finished(target, provenance, case_outputs(target, **what), case):
                     case["status"] = "exists"
                 else:
                     with ResourceMonitor(segmenter.cascade.device) as monitor:
@@ -568,42 +538,13 @@ def _run_cases(
     return cases
 
 
-def _provenance(image, labels_options: dict, what: dict) -> dict:
-    """What a case's label map records of itself: the input (path and content hash), the options that decided
-    its labels and the other outputs written beside it."""
-    from .files import content_sha256
+def _finished(target: Path, provenance: dict, expected, case: dict) -> bool:
+    from .files import finished
 
-    return {
-        "input": os.path.realpath(image), "input_sha256": content_sha256(image), "labels_options": labels_options,
-        "outputs": sorted(name for name, wanted in what.items() if wanted),
-    }
-
-
-def _finished(target: Path, provenance: dict, what: dict, case: dict) -> bool:
-    """Whether ``target`` is this tool's label map of the same input content with the same label options, and every
-    output asked for now was written beside it. Otherwise the case is redone and ``case["redone"]`` says why (a
-    file this tool did not write never gets here: :func:`refuse_foreign_outputs`)."""
-    from .files import output_provenance
-    from .outputs import case_outputs
-
-    if not (target.exists() or target.is_symlink()):
+    why = finished(target, provenance, expected)
+    if why == "":
         return False
-    record, why = output_provenance(target)
-    if record is None:  # appeared since refuse_foreign_outputs looked
-        raise InputError(f"{target}: exists and {why}: --overwrite replaces it")
-    if why is None:
-        before, now = record.get("labels_options"), provenance["labels_options"]
-        if record.get("input_sha256") != provenance["input_sha256"]:
-            why = "its input has changed since"
-        elif before != now:
-            changed = [key for key in now if not isinstance(before, dict) or before.get(key) != now[key]]
-            why = f"it was made with other options ({', '.join(changed)})"
-        else:
-            missing = [p.name for p in case_outputs(target, **what) if not p.exists()]
-            missing += sorted(set(provenance["outputs"]) - set(record.get("outputs", [])))
-            if missing:
-                why = f"outputs asked for now are missing ({', '.join(dict.fromkeys(missing))})"
-    if why is not None:
+    if why:
         case["redone"] = why
         logger.warning("%s: exists but %s: segmenting the case again", target, why)
     return why is None

@@ -40,6 +40,7 @@ class Stage:
     labels: tuple[int, ...]
     cropper: CropFromMask | None = None
     engine: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits of a batch; None: ``network`` in torch
+    checkpoint: Path | None = None  # the weights' file (None: random weights, or networks bound later)
 
     @property
     def network_name(self) -> str:
@@ -134,7 +135,8 @@ def load_stage(
         network = None
     else:
         network = network.to(device).eval()
-    return dataclasses.replace(_geometry(name, parser), network=network, engine=stage_engine)
+    weights_file = checkpoint if checkpoint.is_file() else None
+    return dataclasses.replace(_geometry(name, parser), network=network, engine=stage_engine, checkpoint=weights_file)
 
 
 def stage_geometry(name: str, bundle_dir: str | os.PathLike, overrides: Mapping | None = None) -> Stage:

@@ -239,14 +239,21 @@ def test_rerun_redoes_outputs_that_are_not_finished(cascade, good, tmp_path):
     finished = (out / "fine.nii.gz").read_bytes()
     (out / "empty.nii.gz").write_bytes(b"")
     (out / "cut.nii.gz").write_bytes((out / "cut.nii.gz").read_bytes()[:300])
-    save(np.zeros((8, 8, 8), np.uint8), np.eye(4), out / "other.nii.gz", np.uint8)  # another shape
+    save(np.zeros((8, 8, 8), np.uint8), np.eye(4), out / "other.nii.gz", np.uint8)  # not this tool's
+    kept = {name: (out / f"{name}.nii.gz").read_bytes() for name in ("cut", "other")}
+    with pytest.raises(InputError, match="nothing was written; --overwrite replaces it"):  # issue 20: never replaced
+        CascadeRunner(cascade, find_images(folder), out, progress=False).run()
+    assert {name: (out / f"{name}.nii.gz").read_bytes() for name in kept} == kept
+    (out / "other.nii.gz").unlink()
+    (out / "cut.nii.gz").write_bytes(finished[: len(finished) // 2])  # this tool's map, damaged: its header reads
     report = CascadeRunner(cascade, find_images(folder), out, progress=False).run()
     cases = {case["case"]: case for case in report["cases"]}
     assert cases["fine"]["status"] == "exists" and (out / "fine.nii.gz").read_bytes() == finished
-    for name, why in (("empty", "cannot be read"), ("cut", "cannot be read"), ("other", "shape")):
+    assert cases["other"]["status"] == "done" and "redone" not in cases["other"]
+    for name, why in (("empty", "empty"), ("cut", "cannot be read whole")):
         assert cases[name]["status"] == "done" and why in cases[name]["redone"], cases[name]
         assert_same_geometry(out / f"{name}.nii.gz", folder / f"{name}_0000.nii.gz")
-    assert report["num_redone"] == 3
+    assert report["num_redone"] == 2
 
 
 # -- 8. compressed DICOM --------------------------------------------------------------------------------------
