@@ -395,6 +395,8 @@ class CascadeInferer(Inferer):
             raise ValueError(f"the cascade takes one single-channel 3D image, got shape {tuple(inputs.shape)}")
         image = inputs[0] if batched else inputs
         image = image if isinstance(image, MetaTensor) else MetaTensor(image)
+        # MONAI Deploy passes its model wrapper (TorchScriptModel), which holds the module as ``predictor``
+        network = network if hasattr(network, "coarse") else getattr(network, "predictor", network)
         result = self.cascade(network, image.device).segment_ras(image.float())
         labels = MetaTensor(torch.as_tensor(result.labels, device=image.device)[None], meta=dict(image.meta))
         labels.applied_operations = list(image.applied_operations)

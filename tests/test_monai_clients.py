@@ -132,6 +132,11 @@ def test_the_torchscript_export_runs_the_same_cascade(trained, ct, segmented, tm
     labels = _client_labels(ct, pre, inferer, post, torch.jit.load(str(exported)).eval())
     assert np.array_equal(labels, segmented)
 
+    class DeployModel:  # MONAI Deploy's TorchScriptModel hands the inferer itself, the module as ``predictor``
+        predictor = torch.jit.load(str(exported)).eval()
+
+    assert np.array_equal(_client_labels(ct, pre, inferer, post, DeployModel()), segmented)
+
 
 def test_assembled_checkpoint_is_one_state_dict_of_every_stage(trained):
     state = torch.load(trained / CASCADE_BUNDLE / "models" / "model.pt", weights_only=True)
