@@ -9,8 +9,7 @@ ckpt_export``; the bundle's configs travel inside it): its ``preprocessing``, ``
 stage) and ``postprocessing`` (``Invertd``), without the loader and the saver. The label map it hands on holds the
 FLARE ids 1..13; the writer makes label value k segment k, so the segment descriptions follow the ids in order, named
 and coded (SNOMED CT, with laterality for paired organs) from ``flare_c2f_extensions.labels``.
-Two SDK operators are adapted in a few lines (``CascadeInferenceOperator``, ``SegWriterOperator``; see their
-docstrings).
+The SDK's SEG writer is adapted in a few lines (``SegWriterOperator``, see its docstring).
 
 Run: ``python app.py -i DICOM_DIR -o OUT -m model.ts`` (or ``python apps/monai_deploy ...``; see README.md).
 """
@@ -61,15 +60,6 @@ class OrganDescription(SegmentDescription):
         return description
 
 
-class CascadeInferenceOperator(MonaiBundleInferenceOperator):
-    """The SDK's bundle operator, handing the inferer the TorchScript module itself: given ``-m model.ts`` the SDK
-    passes its ``TorchScriptModel`` wrapper, which runs ``forward`` but has none of the cascade's stage submodules."""
-
-    def predict(self, data, *args, **kwargs):
-        network = getattr(self._model_network, "predictor", self._model_network)
-        return self._inferer(inputs=data, network=network, *args, **kwargs)
-
-
 class SegWriterOperator(DICOMSegmentationWriterOperator):
     """The SDK's SEG writer, first giving the source slices the Type 2 patient and study attributes a SEG copies
     (present, may be empty) where an anonymised series lacks them, as ``flare-c2f segment --dicom_seg`` does; only
@@ -98,7 +88,7 @@ class FlareCascadeApp(Application):
                                          name="dicom_loader")
         selector = DICOMSeriesSelectorOperator(self, rules=json.dumps(CT_SERIES), name="series_selector")
         to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
-        cascade = CascadeInferenceOperator(
+        cascade = MonaiBundleInferenceOperator(
             self,
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping("pred", Image, IOType.IN_MEMORY)],
