@@ -293,26 +293,47 @@ def quickstart(
             data, out / "bundles", network, stages, epochs=epochs, progress=progress, workers=workers,
             log_dir=out / LOG_DIR,
         )
-        summary = _segment_and_evaluate(data, out, stage_overrides, progress)
+        complete_bundles(out / "bundles", stage_overrides)
+        summary = _segment_and_evaluate(data, out, progress)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     print(format_summary(summary))
     print(f"quickstart finished in {summary['seconds']} s; predictions, evaluation and overlays in {out}")
+    print(f"segment a new CT with these bundles: flare-c2f segment -i CT.nii.gz -o seg.nii.gz --bundles_dir "
+          f"{out / 'bundles'}")
     (out / "quickstart.json").write_text(json.dumps(summary, indent=4) + "\n")
     return summary
 
 
-def _segment_and_evaluate(data: Path, out: Path, stage_overrides: dict, progress: Progress) -> dict:
-    """The cascade on the held-out cases, their FLARE22 scores and an overlay per case."""
-    from .cascade import Cascade, CascadeRunner
-    from .discovery import find_images
+def complete_bundles(bundles: Path, stage_overrides: dict, source_dir: Path = BUNDLES_DIR) -> None:
+    """Make the trained folder what ``flare-c2f train`` leaves: every stage a whole bundle whose
+    ``configs/inference.json`` holds the grid and network it was trained with, the refiner's default
+    ``models/model.pt``, and the cascade bundle assembled from them (``flare-c2f segment --bundles_dir``, MONAI Label
+    and MONAI Deploy then take the folder as it is)."""
+    from .assemble import assemble_cascade
+    from .paths import CASCADE_BUNDLE
+    from .train import copy_bundle, default_refiner_checkpoint, persist_inference_overrides
+
+    for name, bundle in STAGE_BUNDLES.items():
+        root = copy_bundle(bundle, bundles, source_dir)
+        inference = {k: v for k, v in stage_overrides[name].items() if k != "bundle_root"}
+        persist_inference_overrides(root, inference)
+    default_refiner_checkpoint(bundles / STAGE_BUNDLES["refiner"])
+    copy_bundle(CASCADE_BUNDLE, bundles, source_dir)
+    assemble_cascade(bundles)
+
+
+def _segment_and_evaluate(data: Path, out: Path, progress: Progress) -> dict:
+    """The held-out cases through ``flare-c2f segment``'s own code with the trained bundles, their FLARE22 scores
+    and an overlay per case."""
     from .metrics import evaluate_folder
     from .overlay import save_overlay
+    from .segmenter import run_segment
 
     predictions = out / "predictions"
     with progress.stage("segment held-out cases with the cascade"):
         # torch: converting nine tiny networks for OpenVINO would take longer than segmenting two cases with them
-        cascade = Cascade.from_bundles(BUNDLES_DIR, device="cpu", stage_overrides=stage_overrides, engine="torch")
-        CascadeRunner(cascade, find_images(data, "imagesTs"), predictions, overwrite=True, progress=False).run()
+        run_segment(str(data / "imagesTs"), str(predictions), bundles_dir=str(out / "bundles"), engine="torch",
+                    device="cpu", overwrite=True, progress=False)
     with progress.stage("evaluate (FLARE22 DSC and NSD)") as result:
         summary = evaluate_folder(str(predictions), str(data / "labelsTs"), str(out / "evaluation"))
         result["detail"] = f"mean DSC {summary['mean_DSC']:.3f}, NSD {summary['mean_NSD']:.3f}"

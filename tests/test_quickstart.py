@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+import flare_c2f_extensions
 from flare_c2f_extensions.quickstart import LOG_DIR, QUICK_STAGES, logs_to_file, quickstart, stage_runs
 
 from helpers import TINY_CHANNELS, TINY_GRID
@@ -37,7 +38,8 @@ def test_quickstart_end_to_end(tmp_path, capsys):
         png = Image.open(tmp_path / "overlays" / f"{case}.png")
         assert png.mode == "RGB" and png.width >= 900 and np.asarray(png).std() > 0
     assert (tmp_path / "evaluation" / "metrics.csv").is_file()
-    assert (tmp_path / "predictions" / "efficiency.json").is_file()
+    assert (tmp_path / "predictions" / "segment_report.json").is_file()  # segmented by flare-c2f segment's code
+
 
     # the terminal: a line per stage (cohort, 9 trainings, cascade, evaluation, overlays) and the final table only
     terminal = capsys.readouterr().out
@@ -53,6 +55,15 @@ def test_quickstart_end_to_end(tmp_path, capsys):
         log = (logs / f"{run}.log").read_text()
         assert "Epoch: 2/2, Iter: 1/" in log and "train_loss" in log and "val_mean_dice" in log, run
     assert "evaluate" in (logs / "quickstart.log").read_text()  # the bars of the cascade and the evaluation
+
+    # complete, reusable bundles: the printed command segments a new CT with them as they are, with no overrides
+    command = next(line for line in terminal.splitlines() if "flare-c2f segment" in line)
+    assert f"--bundles_dir {tmp_path / 'bundles'}" in command
+    first = sorted((tmp_path / "data" / "imagesTs").glob("*.nii.gz"))[0]
+    seg = flare_c2f_extensions.segment(str(first), bundles_dir=str(tmp_path / "bundles"), engine="torch")
+    predicted = nib.load(str(tmp_path / "predictions" / first.name.replace("_0000.nii.gz", ".nii.gz")))
+    assert np.array_equal(np.asarray(seg.dataobj), np.asarray(predicted.dataobj))
+    assert (tmp_path / "bundles" / "flare22_cascade" / "models" / "model.pt").is_file()  # assembled for MONAI
 
 
 def test_logs_to_file_restores_the_terminal(tmp_path, capsys):
