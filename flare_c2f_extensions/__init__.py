@@ -14,7 +14,8 @@ finally:
     if _collecting:
         _gc.enable()
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
+
 __all__ = [
     "discovery", "errors", "files", "images", "label_maps", "labels", "metrics", "networks", "transforms", "segment",
     "Segmenter", "__version__",

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .dicom import DicomSeries
 from .errors import InputError
 from .labels import ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, SNOMED_LATERALITY
+from .version import __version__
 
 __all__ = ["check_source", "dicom_seg", "segment_descriptions"]
 

@@ -360,7 +360,7 @@ def _environment(segmenter: Segmenter) -> dict:
     import monai
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     cascade = segmenter.cascade
     stages = [cascade.coarse, *cascade.groups, *([cascade.locator] if cascade.locator else []), *cascade.refiners]

@@ -171,3 +171,15 @@ def test_fusion_higher_probability_wins_and_background_never_erases():
     assert (labels[4, :4, :4] == 12).all()  # 0.6 where nothing else claimed
     assert (labels[5, :4, :4] == 0).all()  # the second stage's background claims nothing
     assert torch.allclose(confidence[2:4, :4, :4], torch.tensor(0.9))
+
+
+def test_boolean_options_from_a_command_line_are_parsed(tmp_path):
+    """``monai.bundle run ... --require_weights false`` gives the string "false" (truthy): parsed, in any case."""
+    no_weights = {**TINY_STAGES, "coarse": {**TINY_STAGES["coarse"], "bundle_root": str(tmp_path)}}
+    cascade = Cascade.from_bundles(BUNDLES, device="cpu", stage_overrides=no_weights, require_weights="FALSE",
+                                   amp="false")
+    assert cascade.coarse.checkpoint is None and cascade.amp is False
+    with pytest.raises(InputError, match="no weights for the coarse stage"):
+        Cascade.from_bundles(BUNDLES, device="cpu", stage_overrides=no_weights, require_weights="True")
+    with pytest.raises(InputError, match="expected true or false"):
+        Cascade.from_bundles(BUNDLES, device="cpu", stage_overrides=no_weights, require_weights="maybe")
