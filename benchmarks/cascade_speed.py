@@ -33,7 +33,7 @@ from flare_c2f_extensions.cascade import STAGE_BUNDLES, Cascade
 from flare_c2f_extensions.efficiency import ResourceMonitor
 from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.phantom import make_case
-from flare_c2f_extensions.transforms import resize_spatial
+from flare_c2f_extensions.resizing import resize_spatial
 
 
 def use_truth_as_guides(cascade: Cascade, case) -> None:

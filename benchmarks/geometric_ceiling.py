@@ -37,14 +37,10 @@ from monai.transforms import LoadImage, Orientation
 
 from flare_c2f_extensions import labels as L
 from flare_c2f_extensions import phantom
-from flare_c2f_extensions.transforms import (
-    CropFromMask,
-    ResizeToGridd,
-    box_size,
-    paste_into,
-    remap_labels,
-    resize_spatial,
-)
+from flare_c2f_extensions.boxes import box_size
+from flare_c2f_extensions.postprocessing import remap_labels
+from flare_c2f_extensions.resizing import paste_into, resize_spatial
+from flare_c2f_extensions.transforms import CropFromMask, ResizeToGridd
 
 COARSE_SIZE, GROUP_SIZE, LOCATOR_SIZE, REFINER_SIZE = 128, 160, 128, 64  # the bundles' grids
 GROUP_MARGIN_MM = 15.0  # margin_mm of bundles/flare22_fine_*/configs

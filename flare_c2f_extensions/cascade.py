@@ -40,6 +40,8 @@ from monai.inferers import Inferer
 from tqdm.auto import tqdm
 
 from .arguments import as_bool
+from .boxes import affine_of as _affine_of
+from .boxes import box_affine, box_size, box_slices, fov_affine
 from .discovery import case_name
 from .efficiency import ResourceMonitor
 from .engines import resolve_engine
@@ -57,19 +59,9 @@ from .label_maps import save_label_map
 from .labels import GROUPS, ORGANS, organ_id
 from .paths import BUNDLES_DIR, STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
+from .postprocessing import dropped_components, keep_largest_component
+from .resizing import crop_resize, resize_rows, resize_spatial
 from .stages import Stage, coarse_amp, default_amp, load_stage, stage_geometry
-from .transforms import affine_of as _affine_of
-from .transforms import (
-    box_affine,
-    box_size,
-    box_slices,
-    crop_resize,
-    dropped_components,
-    fov_affine,
-    keep_largest_component,
-    resize_rows,
-    resize_spatial,
-)
 
 __all__ = [
     "BUNDLES_DIR", "FAILED_CASES_EXIT_STATUS", "MAX_CASE_VOXELS", "STAGE_BUNDLES", "Cascade", "CascadeInferer",

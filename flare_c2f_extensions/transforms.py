@@ -33,29 +33,14 @@ from .boxes import (
     box_slices,
     expand_box,
     fov_affine,
-    get_crop_box,
     label_names,
     map_box,
 )
-from .postprocessing import (
-    ClearIfSkippedd,
-    KeepLargestComponent,
-    KeepLargestComponentd,
-    RemapLabels,
-    RemapLabelsd,
-    dropped_components,
-    keep_largest_component,
-    remap_labels,
-)
-from .resizing import crop_resize, paste_into, resize_rows, resize_spatial, soft_labels
+from .resizing import crop_resize, paste_into, resize_spatial, soft_labels
 
 __all__ = [
-    "BOX_META_KEY", "RENAMED_KEYWORDS", "SKIPPED_META_KEY", "ClearIfSkippedd", "ClipIntensityd", "CropFromMask",
-    "CropFromMaskd", "KeepLargestComponent", "KeepLargestComponentd", "RandCropFromMask", "RandCropFromMaskd",
-    "RemapLabels", "RemapLabelsd", "ResizeToGridd", "affine_of", "box_affine", "box_from_mask", "box_size",
-    "box_slices", "crop_resize", "expand_box", "fov_affine", "get_crop_box", "keep_largest_component",
-    "label_names", "map_box", "paste_into", "remap_labels", "resize_rows", "resize_spatial",
-    "dropped_components", "soft_labels",
+    "RENAMED_KEYWORDS", "ClipIntensityd", "CropFromMask", "CropFromMaskd", "RandCropFromMask", "RandCropFromMaskd",
+    "ResizeToGridd",
 ]
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flare_c2f_extensions import cascade as cascade_module
-from flare_c2f_extensions.transforms import box_size, box_slices, resize_rows, resize_spatial
+from flare_c2f_extensions.boxes import box_size, box_slices
+from flare_c2f_extensions.resizing import resize_rows, resize_spatial
 
 
 def reference_fuse(probs, box, stage_labels, labels, confidence) -> None:
