@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from flare_c2f_extensions.cascade import STAGE_BUNDLES, Cascade
+from flare_c2f_extensions.cascade import Cascade
 from flare_c2f_extensions.efficiency import ResourceMonitor
 from flare_c2f_extensions.labels import GROUPS
+from flare_c2f_extensions.paths import STAGE_BUNDLES
 from flare_c2f_extensions.phantom import make_case
 from flare_c2f_extensions.resizing import resize_spatial
 

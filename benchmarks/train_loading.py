@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from flare_c2f_extensions.cascade import STAGE_BUNDLES
 from flare_c2f_extensions.networks import PAPER_CHANNELS
+from flare_c2f_extensions.paths import STAGE_BUNDLES
 from flare_c2f_extensions.phantom import write_cohort
 from flare_c2f_extensions.train import StagePlan, _stage_workflow, copy_bundle, prepare_cache
 

@@ -57,16 +57,15 @@ from .files import (
 from .images import image_geometry, read_ct
 from .label_maps import save_label_map
 from .labels import GROUPS, ORGANS, organ_id
-from .paths import BUNDLES_DIR, STAGE_BUNDLES
+from .paths import STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
 from .postprocessing import dropped_components, keep_largest_component
 from .resizing import crop_resize, resize_rows, resize_spatial
 from .stages import Stage, coarse_amp, default_amp, load_stage, stage_geometry
 
 __all__ = [
-    "BUNDLES_DIR", "FAILED_CASES_EXIT_STATUS", "MAX_CASE_VOXELS", "STAGE_BUNDLES", "Cascade", "CascadeInferer",
-    "CascadeRunner",
-    "CaseResult", "Stage", "check_voxel_count", "default_amp", "load_stage", "segment_to_file",
+    "FAILED_CASES_EXIT_STATUS", "MAX_CASE_VOXELS", "Cascade", "CascadeInferer", "CascadeRunner", "CaseResult",
+    "check_voxel_count", "segment_to_file",
 ]
 
 logger = logging.getLogger(__name__)

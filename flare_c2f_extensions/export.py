@@ -9,7 +9,7 @@ and, with ``check=True``, runs the PyTorch network, the TorchScript module and t
 same random input of the bundle's grid and reports the largest absolute difference of their logits. Both exports
 have the input shape fixed to ``[1, 1, *spatial_size]`` (the bundles always feed the fixed grid). The ``.ts`` files
 hold the metadata and ``inference.json`` (``monai.bundle load --load_ts_module True`` reads them), and the cascade
-runs from them when a stage's ``ckpt_path`` ends in ``.ts`` (``cascade.load_stage``).
+runs from them when a stage's ``ckpt_path`` ends in ``.ts`` (``stages.load_stage``).
 
 Command line: ``python -m flare_c2f_extensions export --bundle_dir bundles/flare22_coarse``.
 """

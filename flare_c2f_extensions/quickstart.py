@@ -69,7 +69,7 @@ def cpu_training_network(network, device=None):
     names and values (only the memory layout and ``forward`` change)."""
     import torch
 
-    from .cascade import default_amp
+    from .stages import default_amp
 
     device = device or next(network.parameters()).device
     if device.type != "cpu":

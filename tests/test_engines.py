@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from flare_c2f_extensions import engines
-from flare_c2f_extensions.cascade import Cascade, check_voxel_count, load_stage
+from flare_c2f_extensions.cascade import Cascade, check_voxel_count
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.metrics import organ_scores
 from flare_c2f_extensions.quickstart import QUICK_NETWORK, QUICK_STAGES, train_stages
-from flare_c2f_extensions.stages import coarse_amp
+from flare_c2f_extensions.stages import coarse_amp, load_stage
 
 from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID, TINY_STAGES
 

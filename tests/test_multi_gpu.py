@@ -13,7 +13,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from flare_c2f_extensions.cascade import STAGE_BUNDLES
+from flare_c2f_extensions.paths import STAGE_BUNDLES
 
 from helpers import BUNDLES, TINY_TRAIN, bundle_workflow
 

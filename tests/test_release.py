@@ -19,7 +19,7 @@ import nibabel as nib
 import pytest
 import torch
 
-from flare_c2f_extensions.cascade import STAGE_BUNDLES as CASCADE_STAGES
+from flare_c2f_extensions.paths import STAGE_BUNDLES as CASCADE_STAGES
 from flare_c2f_extensions.release import ReleaseError, download_release, pack, verify_release
 
 from helpers import BUNDLES, TINY, TINY_CHANNELS

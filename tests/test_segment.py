@@ -174,7 +174,7 @@ def test_organ_subset_runs_only_its_stages(phantom, tmp_path):
 
 def test_weights_folder_is_found(phantom, tmp_path):
     """``--bundles_dir`` may hold just the weights (``<bundle>/models/``): the configs come from the shipped bundles."""
-    from flare_c2f_extensions.cascade import load_stage
+    from flare_c2f_extensions.stages import load_stage
 
     weights = tmp_path / "trained"
     torch.manual_seed(1)

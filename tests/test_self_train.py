@@ -9,9 +9,9 @@ import fire
 import pytest
 
 from flare_c2f_extensions.__main__ import COMMANDS
-from flare_c2f_extensions.cascade import STAGE_BUNDLES
 from flare_c2f_extensions.discovery import labelled_cases, split_cases, training_cases
 from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.paths import STAGE_BUNDLES
 
 from helpers import bundle_workflow
 
