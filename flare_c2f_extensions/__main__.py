@@ -197,8 +197,9 @@ def segment(
     An existing label map is kept if this command wrote it for the same input and options, redone if its input or
     options changed, and never replaced otherwise unless ``--overwrite``.
     """
+    from .arguments import as_bool
     from .errors import InputError
-    from .segmenter import as_bool, run_segment
+    from .segmenter import run_segment
 
     try:
         if input is None or output is None:
@@ -252,11 +253,12 @@ def pseudo_label(
     """
     import torch
 
+    from .arguments import as_bool, as_mapping
     from .distributed import Ranks
     from .errors import InputError
     from .labels import ORGANS
     from .pseudo_label import pseudo_label as run
-    from .segmenter import as_bool, as_mapping, load_cascade
+    from .segmenter import load_cascade
 
     try:
         if bundles_dir is None or input is None or output is None:

@@ -32,8 +32,7 @@ from .paths import STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
 
 __all__ = [
-    "Segmenter", "as_bool", "as_mapping", "load_cascade", "parse_organs", "plan_targets", "resolve_inputs",
-    "run_segment", "segment", "stage_sources",
+    "Segmenter", "load_cascade", "plan_targets", "resolve_inputs", "run_segment", "segment", "stage_sources",
 ]
 
 logger = logging.getLogger(__name__)
