@@ -25,8 +25,8 @@ def evaluate(pred: str, gt: str, out: str):
     Exit status 3 when a case could not be scored (it is listed; the others are scored)."""
     import sys
 
-    from .errors import InputError
-    from .metrics import FAILED_CASES_EXIT_STATUS, evaluate_folder, format_summary
+    from .errors import FAILED_CASES_EXIT_STATUS, InputError
+    from .metrics import evaluate_folder, format_summary
 
     try:
         summary = evaluate_folder(pred, gt, out)
@@ -218,7 +218,7 @@ def segment(
     if failed:  # the report is written; exit status 3 as the cascade bundle's (README, "Inputs")
         import sys
 
-        from .cascade import FAILED_CASES_EXIT_STATUS
+        from .errors import FAILED_CASES_EXIT_STATUS
 
         for case in failed:
             print(f"error: {case['error']}", file=sys.stderr)
@@ -282,7 +282,7 @@ def pseudo_label(
     if report["num_failed"]:  # the report is written; exit status 3 as segment's and evaluate's
         import sys
 
-        from .cascade import FAILED_CASES_EXIT_STATUS
+        from .errors import FAILED_CASES_EXIT_STATUS
 
         for case in report["cases"]:
             if case["status"] == "failed":

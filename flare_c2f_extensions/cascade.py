@@ -45,7 +45,7 @@ from .boxes import box_affine, box_size, box_slices, fov_affine
 from .discovery import case_name
 from .efficiency import ResourceMonitor
 from .engines import resolve_engine
-from .errors import InputError, InputWarnings
+from .errors import FAILED_CASES_EXIT_STATUS, InputError, InputWarnings
 from .files import (
     finished,
     output_provenance_of,
@@ -64,7 +64,7 @@ from .resizing import crop_resize, resize_rows, resize_spatial
 from .stages import Stage, coarse_amp, default_amp, load_stage, stage_geometry
 
 __all__ = [
-    "FAILED_CASES_EXIT_STATUS", "MAX_CASE_VOXELS", "Cascade", "CascadeInferer", "CascadeRunner", "CaseResult",
+    "MAX_CASE_VOXELS", "Cascade", "CascadeInferer", "CascadeRunner", "CaseResult",
     "check_voxel_count", "segment_to_file",
 ]
 
@@ -448,7 +448,6 @@ def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir:
     return result
 
 
-FAILED_CASES_EXIT_STATUS = 3  # the process's exit status when a batch ran but some case failed (README, "Inputs")
 
 
 class CascadeRunner:

@@ -12,6 +12,7 @@ import sys
 import warnings
 
 __all__ = [
+    "FAILED_CASES_EXIT_STATUS",
     "INPUT_LOGGER",
     "InputError",
     "InputWarnings",
@@ -21,6 +22,9 @@ __all__ = [
     "start_run",
 ]
 
+# the exit status of every command whose batch ran but some case failed (segment, pseudo_label, evaluate, the
+# cascade bundle's run): 1 stays for a run that could not start (README, "Inputs")
+FAILED_CASES_EXIT_STATUS = 3
 INPUT_LOGGER = "flare_c2f_extensions.inputs"  # the logger of everything that reads or checks an input
 logger = logging.getLogger(INPUT_LOGGER)
 

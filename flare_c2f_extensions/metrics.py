@@ -57,10 +57,8 @@ __all__ = [
     "format_summary",
     "unknown_labels",
     "MissingFolderError",
-    "FAILED_CASES_EXIT_STATUS",
 ]
 
-FAILED_CASES_EXIT_STATUS = 3  # evaluate's exit status when a case could not be scored (as the cascade's)
 
 NSD_MIN_DSC = 0.2  # below this DSC, NSD is 0 (FLARE22)
 DECIMALS = 4  # every DSC and NSD value is rounded to this many decimals (FLARE22)

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 import flare_c2f_extensions.cascade as cascade_module
-from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner
+from flare_c2f_extensions.cascade import CascadeRunner
 from flare_c2f_extensions.discovery import find_images
-from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.errors import FAILED_CASES_EXIT_STATUS, InputError
 from flare_c2f_extensions.images import image_geometry, read_ct
 from flare_c2f_extensions.label_maps import qform_holds, save_label_map
 from flare_c2f_extensions.phantom import make_case

@@ -21,9 +21,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_c2f_extensions.cascade import FAILED_CASES_EXIT_STATUS, CascadeRunner
+from flare_c2f_extensions.cascade import CascadeRunner
 from flare_c2f_extensions.discovery import find_images
-from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.errors import FAILED_CASES_EXIT_STATUS, InputError
 from flare_c2f_extensions.labels import NUM_CLASSES
 from flare_c2f_extensions.phantom import make_case
 
