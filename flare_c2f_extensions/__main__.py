@@ -178,6 +178,7 @@ def segment(
     engine: str = "auto",
     max_voxels="default",
     reference: str | None = None,
+    override=None,
 ):
     """Segment the 13 FLARE22 organs in CT: ``flare-c2f segment -i CT -o OUT [options]``.
 
@@ -189,8 +190,9 @@ def segment(
     stages they need). ``--device cuda``, ``--threads N``, ``--amp true|false``, ``--engine torch|openvino|auto``
     (auto: OpenVINO on a CPU for stages with weights), ``--max_voxels N`` (larger inputs refused from their
     header). Weights: ``--bundles_dir DIR`` (trained stage bundles) or ``--stage_dirs "{'coarse': DIR, ...}"``;
-    ``--require_weights false`` runs random weights (seeded by ``--seed``) for timing. ``--stage_overrides`` takes
-    config overrides per stage (JSON).
+    ``--require_weights false`` runs random weights (seeded by ``--seed``) for timing. ``--override
+    "solid#key=value"`` (repeatable, or a JSON/YAML file ``{stage: {key: value}}``) overrides stage configs, as in
+    ``train``; ``--stage_overrides`` takes the same as one mapping (JSON).
     Each organ's quality signals (the cascade's confidence, stray components) go into the statistics and the run
     report, and an organ that fails a check is a warning; ``--reference`` (a labels folder or a
     ``volume_reference.json``) adds the check of its volume against that cohort's range.
@@ -210,7 +212,7 @@ def segment(
         report = run_segment(
             str(input), str(output), organs=organs, device=device, threads=threads, amp=amp, bundles_dir=bundles_dir,
             stage_dirs=stage_dirs, stage_overrides=stage_overrides, require_weights=require_weights, seed=seed,
-            engine=engine, max_voxels=max_voxels, reference=reference, **flags,
+            engine=engine, max_voxels=max_voxels, reference=reference, override=override, **flags,
         )
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
@@ -238,6 +240,7 @@ def pseudo_label(
     require_weights=True,
     overwrite=False,
     seed: int = 0,
+    override=None,
 ):
     """Pseudo-label unlabelled CTs with a teacher and gate each case:
     ``flare-c2f pseudo_label --bundles_dir TEACHER -i UNLABELLED -o OUT [--reference D/labelsTr]``.
@@ -253,7 +256,7 @@ def pseudo_label(
     """
     import torch
 
-    from .arguments import as_bool, as_mapping
+    from .arguments import as_bool, cascade_overrides
     from .distributed import Ranks
     from .errors import InputError
     from .labels import ORGANS
@@ -269,7 +272,7 @@ def pseudo_label(
         if threads:
             torch.set_num_threads(threads)
         teacher, _ = load_cascade(tuple(ORGANS), device, None, bundles_dir, None,
-                                  as_mapping(stage_overrides, "stage_overrides"),
+                                  cascade_overrides(stage_overrides, override),
                                   as_bool(require_weights, "require_weights"), seed)
         report = run(teacher, input, output, reference=reference, rule=rule, overwrite=as_bool(overwrite, "overwrite"))
     except InputError as error:
@@ -373,12 +376,12 @@ def main(argv: list[str] | None = None):
 
     import fire
 
-    from .arguments import check_options
+    from .arguments import check_options, keep_hashes
     from .errors import InputError, start_run
 
     start_run()  # one-line input errors, known noise silenced: for this run, never as an import's side effect
     gc.freeze()  # the imports' objects live to the end: the run's later collections skip them
-    argv = expand_short_flags(sys.argv[1:] if argv is None else list(argv))
+    argv = keep_hashes(expand_short_flags(sys.argv[1:] if argv is None else list(argv)))
     if argv and argv[0] in COMMANDS:
         try:
             check_options(argv[0], _options_of(argv[0]), argv[1:])

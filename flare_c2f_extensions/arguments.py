@@ -8,12 +8,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import InputError
-from .labels import ORGAN_IDS, ORGANS
+from .labels import GROUPS, ORGAN_IDS, ORGANS
+from .paths import STAGE_BUNDLES
 
 __all__ = [
-    "as_bool", "as_mapping", "check_options", "parse_device", "parse_max_voxels", "parse_organs", "parse_seed",
-    "parse_threads",
+    "as_bool", "as_mapping", "check_options", "keep_hashes", "parse_device", "parse_max_voxels", "parse_organs",
+    "parse_seed",
+    "parse_threads", "OVERRIDE_SCOPES", "cascade_overrides", "parse_overrides", "stage_overrides_for",
 ]
+
+# the one override syntax of every command (train, segment, pseudo_label, self_train): scopes are "all" (every
+# stage), a stage of the cascade, "refiner" (the four refiners) or one refiner "refiner_<organ>"
+OVERRIDE_SCOPES = ("all", *STAGE_BUNDLES) + tuple(f"refiner_{ORGANS[o]}" for o in GROUPS["small"])
 
 
 def parse_organs(organs) -> tuple[int, ...]:
@@ -111,6 +117,19 @@ def _is_flag(argument: str) -> bool:
     return argument.startswith("--") or (len(argument) > 1 and argument[0] == "-" and argument[1].isalpha())
 
 
+def keep_hashes(argv: Sequence[str]) -> list[str]:
+    """Values holding ``#`` (``--override solid#learning_rate=0.001``) quoted for fire, which reads a bare value as
+    Python and so takes ``#`` for a comment (the value would arrive as ``solid``). Lists, mappings and values
+    already quoted are left as they are: Python reads the ``#`` inside their strings as text."""
+    kept = []
+    for argument in argv:
+        flag, equals, value = argument.partition("=") if argument.startswith("--") else ("", "", argument)
+        if "#" in value and value[:1] not in "[{('\"":
+            value = repr(value)
+        kept.append(flag + equals + value)
+    return kept
+
+
 def check_options(command: str, function, argv: Sequence[str]) -> None:
     """Refuse, before anything runs, an option that ``function`` does not take (fire would try it on the result,
     after the whole run) or more positional arguments than it has parameters. ``argv``: the arguments after the
@@ -145,3 +164,85 @@ def check_options(command: str, function, argv: Sequence[str]) -> None:
     free = [n for n in names if n not in given]
     if len(positional) > len(free):
         raise InputError(f"{command}: unexpected argument {positional[len(free)]!r} (options start with --)")
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _read_override_file(path: Path) -> dict:
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"{path}: cannot read the overrides file ({error})") from None
+    if not isinstance(content, Mapping) or not all(isinstance(v, Mapping) for v in content.values()):
+        raise InputError(f"{path}: overrides file must map stage names ({', '.join(OVERRIDE_SCOPES)}) to key: value")
+    for scope in content:
+        if scope not in OVERRIDE_SCOPES:
+            raise InputError(f"{path}: unknown stage {scope!r} (known: {', '.join(OVERRIDE_SCOPES)})")
+    return {scope: dict(values) for scope, values in content.items()}
+
+
+def parse_overrides(overrides) -> dict[str, dict]:
+    """Per-scope config overrides from ``"solid#learning_rate=0.001"`` strings (no stage prefix: every stage;
+    ``refiner#...``: the four refiners), files (``.json``/``.yaml`` mapping scope -> {key: value}), or a mapping
+    of that form; values are YAML (``0.001``, ``[4,8,8,8,8]``, ``false``). Returns ``{scope: {key: value}}``."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return _read_override_file_content(overrides)
+    items = [overrides] if isinstance(overrides, str) else list(overrides)
+    merged: dict[str, dict] = {}
+    for item in items:
+        if isinstance(item, Mapping):
+            parsed = _read_override_file_content(item)
+        elif "=" not in str(item):
+            path = Path(str(item))
+            if not path.is_file():
+                raise InputError(f"--override {item!r}: neither key=value nor an existing JSON/YAML file")
+            parsed = _read_override_file(path)
+        else:
+            key, value = str(item).split("=", 1)
+            scope, _, rest = key.strip().partition("#")
+            scope, key = (scope, rest) if scope in OVERRIDE_SCOPES and rest else ("all", key.strip())
+            parsed = {scope: {key: _parse_value(value)}}
+        for scope, values in parsed.items():
+            merged.setdefault(scope, {}).update(values)
+    return merged
+
+
+def _read_override_file_content(content: Mapping) -> dict:
+    for scope, values in content.items():
+        if scope not in OVERRIDE_SCOPES or not isinstance(values, Mapping):
+            raise InputError(f"overrides: {scope!r} must be one of {', '.join(OVERRIDE_SCOPES)} mapping to key: value")
+    return {scope: dict(values) for scope, values in content.items()}
+
+
+def cascade_overrides(stage_overrides=None, override=None) -> dict[str, dict]:
+    """The cascade's overrides per stage from ``stage_overrides`` (the mapping form: a dict, JSON, Python literal or
+    a JSON/YAML file, ``{stage: {key: value}}``) and ``override`` (``"solid#key=value"`` strings, as ``train``
+    takes them), both read by :func:`parse_overrides`."""
+    items = [as_mapping(stage_overrides, "stage_overrides")] if stage_overrides not in (None, "", {}) else []
+    if override is not None:
+        items += [override] if isinstance(override, (str, Mapping)) else list(override)
+    return stage_overrides_for(items)
+
+
+def stage_overrides_for(overrides) -> dict[str, dict]:
+    """The cascade's overrides per stage (``coarse`` ... ``refiner``) from :func:`parse_overrides`' syntax: ``all``
+    then the stage's own. The cascade runs one refiner config for the four organs, so a single organ's refiner scope
+    is refused."""
+    parsed = parse_overrides(overrides)
+    single = sorted(scope for scope in parsed if scope.startswith("refiner_"))
+    if single:
+        raise InputError(f"--override: {single[0]}: the cascade takes refiner overrides for all four organs "
+                         "(scope refiner), not one organ's")
+    merged = {stage: {**parsed.get("all", {}), **parsed.get(stage, {})} for stage in STAGE_BUNDLES}
+    return {stage: values for stage, values in merged.items() if values}

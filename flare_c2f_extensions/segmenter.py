@@ -24,7 +24,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .arguments import as_bool, as_mapping, parse_device, parse_max_voxels, parse_organs, parse_seed, parse_threads
+from .arguments import (
+    as_bool,
+    as_mapping,
+    cascade_overrides,
+    parse_device,
+    parse_max_voxels,
+    parse_organs,
+    parse_seed,
+    parse_threads,
+)
 from .errors import InputError
 from .label_maps import label_map_image
 from .labels import GROUPS, ORGANS
@@ -182,6 +191,7 @@ class Segmenter:
         seed: int = 0,
         engine: str | None = "auto",
         max_voxels="default",
+        override=None,
     ):
         import torch
 
@@ -191,7 +201,7 @@ class Segmenter:
         self.organs = parse_organs(organs)
         amp = None if amp is None else as_bool(amp, "amp")
         stage_dirs = as_mapping(stage_dirs, "stage_dirs")
-        stage_overrides = as_mapping(stage_overrides, "stage_overrides")
+        stage_overrides = cascade_overrides(stage_overrides, override)
         self.seed = parse_seed(seed)
         self.cascade, self.random_weight_stages = load_cascade(
             self.organs, device, amp, bundles_dir, stage_dirs, stage_overrides,
@@ -327,7 +337,7 @@ def check_weights(organs: Sequence[int], options: Mapping) -> None:
         return
     dirs, overrides = stage_sources(
         options.get("bundles_dir"), as_mapping(options.get("stage_dirs"), "stage_dirs"),
-        as_mapping(options.get("stage_overrides"), "stage_overrides"),
+        cascade_overrides(options.get("stage_overrides"), options.get("override")),
     )
     missing = missing_weights(dirs, overrides, organs)
     if missing:

@@ -67,7 +67,8 @@ def _write_state(out: Path, rounds: list[dict]) -> dict:
 
 
 def _train(dataset_dir, bundles: Path, epochs, device, overrides, num_val, extra: Mapping | None = None) -> None:
-    from .train import parse_overrides, train_cascade
+    from .arguments import parse_overrides
+    from .train import train_cascade
 
     merged = parse_overrides(overrides)
     if extra:

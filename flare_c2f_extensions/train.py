@@ -31,6 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .arguments import parse_overrides
 from .discovery import case_name, labelled_cases, split_cases
 from .engines import HASH_MEMO_MARGIN_S, file_sha256
 from .errors import InputError, input_error_in
@@ -65,7 +66,6 @@ STAGES = tuple(
     + [StagePlan(f"refiner_{ORGANS[o]}", STAGE_BUNDLES["refiner"], ORGANS[o]) for o in GROUPS["small"]]
 )
 # stage-name prefixes an override may carry: a stage, "refiner" (the four refiners) or "all"
-OVERRIDE_SCOPES = ("all", "refiner") + tuple(stage.name for stage in STAGES)
 # training-side keys that never go into the trained bundle's inference.json
 NOT_PERSISTED = {"device", "dataset_dir", "num_workers", "bundle_root", "organ", "amp"}
 DEFAULT_NUM_VAL = 10
@@ -84,65 +84,6 @@ def select_stages(stages: str | Sequence[str] | None) -> list[StagePlan]:
             raise InputError(f"--stages: unknown stage {name!r} (known: {known})")
         chosen |= matched
     return [s for s in STAGES if s.name in chosen]
-
-
-def _parse_value(text: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _read_override_file(path: Path) -> dict:
-    import yaml
-
-    try:
-        content = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-    except (OSError, yaml.YAMLError) as error:
-        raise InputError(f"{path}: cannot read the overrides file ({error})") from None
-    if not isinstance(content, Mapping) or not all(isinstance(v, Mapping) for v in content.values()):
-        raise InputError(f"{path}: overrides file must map stage names ({', '.join(OVERRIDE_SCOPES)}) to key: value")
-    for scope in content:
-        if scope not in OVERRIDE_SCOPES:
-            raise InputError(f"{path}: unknown stage {scope!r} (known: {', '.join(OVERRIDE_SCOPES)})")
-    return {scope: dict(values) for scope, values in content.items()}
-
-
-def parse_overrides(overrides) -> dict[str, dict]:
-    """Per-scope config overrides from ``"solid#learning_rate=0.001"`` strings (no stage prefix: every stage;
-    ``refiner#...``: the four refiners), files (``.json``/``.yaml`` mapping scope -> {key: value}), or a mapping
-    of that form; values are YAML (``0.001``, ``[4,8,8,8,8]``, ``false``). Returns ``{scope: {key: value}}``."""
-    if overrides is None:
-        return {}
-    if isinstance(overrides, Mapping):
-        return _read_override_file_content(overrides)
-    items = [overrides] if isinstance(overrides, str) else list(overrides)
-    merged: dict[str, dict] = {}
-    for item in items:
-        if isinstance(item, Mapping):
-            parsed = _read_override_file_content(item)
-        elif "=" not in str(item):
-            path = Path(str(item))
-            if not path.is_file():
-                raise InputError(f"--override {item!r}: neither key=value nor an existing JSON/YAML file")
-            parsed = _read_override_file(path)
-        else:
-            key, value = str(item).split("=", 1)
-            scope, _, rest = key.strip().partition("#")
-            scope, key = (scope, rest) if scope in OVERRIDE_SCOPES and rest else ("all", key.strip())
-            parsed = {scope: {key: _parse_value(value)}}
-        for scope, values in parsed.items():
-            merged.setdefault(scope, {}).update(values)
-    return merged
-
-
-def _read_override_file_content(content: Mapping) -> dict:
-    for scope, values in content.items():
-        if scope not in OVERRIDE_SCOPES or not isinstance(values, Mapping):
-            raise InputError(f"overrides: {scope!r} must be one of {', '.join(OVERRIDE_SCOPES)} mapping to key: value")
-    return {scope: dict(values) for scope, values in content.items()}
 
 
 def stage_overrides(stage: StagePlan, overrides: Mapping[str, Mapping]) -> dict:

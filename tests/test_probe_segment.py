@@ -373,3 +373,28 @@ def test_values_of_options_are_checked_before_any_file_is_written(phantom, cohor
                       (["--num_val", "abc"], "--num_val"), (["--num_val", "10"], "leaves no case to train")):
         message = refused(["train", "--dataset_dir", str(cohort), "--out", str(trained), *bad])
         assert what in message and not trained.exists(), message
+
+
+def test_segment_takes_trains_override_syntax(phantom, tmp_path):
+    """One override syntax (issue 19): ``--override "stage#key=value"`` (and ``all``/``refiner`` scopes, files) as
+    ``train`` takes it; the same labels as the mapping form of ``--stage_overrides``."""
+    from flare_c2f_extensions.arguments import cascade_overrides
+
+    channels, grid = TINY_STAGES["coarse"]["network_def"]["channels"], TINY_STAGES["coarse"]["spatial_size"]
+    keyed = [f"network_def#channels={json.dumps(channels)}", f"spatial_size={json.dumps(grid)}"]
+    assert cascade_overrides(override=keyed)["refiner"] == {"network_def#channels": channels, "spatial_size": grid}
+    assert cascade_overrides(override="solid#spatial_size=[8, 8, 8]") == {"solid": {"spatial_size": [8, 8, 8]}}
+    common = ["--require_weights", "false", "--threads", "1", "--organs", "liver"]
+    main(["segment", "-i", str(phantom), "-o", str(tmp_path / "a.nii.gz"), *common,
+          "--override", json.dumps(keyed)])  # several: a list, as train takes them
+    main(["segment", "-i", str(phantom), "-o", str(tmp_path / "b.nii.gz"), *common,
+          "--stage_overrides", json.dumps(TINY_STAGES)])
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "a.nii.gz")).dataobj),
+                          np.asarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj))
+    assert "one organ's" in refused(["segment", "-i", str(phantom), "-o", str(tmp_path / "c.nii.gz"), *common,
+                                     "--override", "refiner_gallbladder#spatial_size=[8,8,8]"])
+    # a bare "stage#key=value", as the README writes it for train: fire used to read "#" as a comment ("solid")
+    main(["segment", "-i", str(phantom), "-o", str(tmp_path / "d.nii.gz"), *common, "--stage_overrides",
+          json.dumps(TINY_STAGES), "--override", "solid#spatial_size=[64,64,64]"])
+    assert not np.array_equal(np.asarray(nib.load(str(tmp_path / "d.nii.gz")).dataobj),
+                              np.asarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj))

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from flare_c2f_extensions.__main__ import COMMANDS
+from flare_c2f_extensions.arguments import parse_overrides
 from flare_c2f_extensions.cascade import Cascade, CascadeRunner
 from flare_c2f_extensions.checkpoints import latest_state
 from flare_c2f_extensions.discovery import find_images
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.metrics import evaluate_folder, format_summary
-from flare_c2f_extensions.train import STAGES, done_marker, parse_overrides, select_stages, train_cascade
+from flare_c2f_extensions.train import STAGES, done_marker, select_stages, train_cascade
 
 # every stage tiny, through the command line's own override syntax
 TINY_OVERRIDES = [
