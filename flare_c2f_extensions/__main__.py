@@ -204,7 +204,7 @@ def segment(
     from .segmenter import run_segment
 
     try:
-        if input is None or output is None:
+        if input is None or output is None or isinstance(input, bool) or isinstance(output, bool):
             raise InputError("segment needs an input and an output: flare-c2f segment -i CT -o OUT")
         flags = dict(overwrite=overwrite, per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics,
                      preview=preview)

@@ -27,6 +27,8 @@ def parse_organs(organs) -> tuple[int, ...]:
     :class:`InputError` listing the valid ones."""
     if organs is None or organs == "" or organs == "all":
         return tuple(ORGANS)
+    if isinstance(organs, bool):  # a bare --organs: fire gives True
+        raise InputError("--organs needs organ names: --organs liver,spleen (or all)")
     items = organs.split(",") if isinstance(organs, str) else list(organs) if isinstance(organs, Sequence) else [organs]
     ids = []
     for item in items:

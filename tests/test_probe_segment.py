@@ -115,6 +115,8 @@ def test_a_misspelled_option_stops_before_any_work(phantom, tmp_path, monkeypatc
     monkeypatch.setattr(train_module, "train_cascade", lambda *a, **k: pytest.fail("training started"))
     message = refused(["train", "--dataset_dir", str(tmp_path), "--out", str(tmp_path / "t"), "--epoch", "1"])
     assert "--epoch" in message and "--epochs" in message and not (tmp_path / "t").exists()
+    assert "needs organ names" in refused(["segment", "-i", str(phantom), "-o", str(tmp_path / "o2"), "--organs"])
+    assert "needs an input and an output" in refused(["segment", "-i", str(phantom), "-o"])  # a flag without value
     for bad in (["--seed", "abc"], ["--max_voxels", "abc"], ["--amp", "maybe"]):
         message = refused(["segment", "-i", str(phantom), "-o", str(tmp_path / "o2"), *RANDOM, *bad])
         assert bad[0] in message and not (tmp_path / "o2").exists()
