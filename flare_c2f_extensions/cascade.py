@@ -158,6 +158,7 @@ class Cascade:
         organs: Sequence[str | int] | None = None,
         engine: str | None = "auto",
         max_voxels: int | None = MAX_CASE_VOXELS,
+        parsers: Mapping | None = None,
     ) -> Cascade:
         """Load every stage from its bundle folder (siblings in ``bundles_dir`` unless ``stage_dirs`` says otherwise).
 
@@ -168,7 +169,8 @@ class Cascade:
         ``torch``, ``openvino`` (CPU) or ``auto`` (OpenVINO on a CPU when it is installed for every stage with a
         checkpoint, torch for random weights; see :mod:`~flare_c2f_extensions.engines`). ``max_voxels``: larger
         inputs are refused from their header, before any voxel is read (``None``: no limit; see
-        :data:`MAX_CASE_VOXELS`).
+        :data:`MAX_CASE_VOXELS`). ``parsers``: stage configs already parsed with these overrides, by (stage, refiner
+        organ or ``None``), so they are not read again (``segmenter.stage_parsers``).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         require_weights = as_bool(require_weights, "require_weights")  # "false" from a command line is truthy
@@ -181,8 +183,10 @@ class Cascade:
 
         def stage(name, extra=None, precision=amp):
             merged = {**overrides.get(name, {}), **(extra or {})}
+            parser = (parsers or {}).get((name, (extra or {}).get("organ")))
             return load_stage(
-                name, dirs[name], device, merged, require_weights=require_weights, engine=engine, amp=precision
+                name, dirs[name], device, merged, require_weights=require_weights, engine=engine, amp=precision,
+                parser=parser,
             )
 
         wanted = set(ORGANS) if organs is None else {organ_id(o) for o in organs}

@@ -41,7 +41,8 @@ from .paths import STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
 
 __all__ = [
-    "Segmenter", "load_cascade", "plan_targets", "resolve_inputs", "run_segment", "segment", "stage_sources",
+    "Segmenter", "load_cascade", "plan_targets", "resolve_inputs", "run_segment", "segment", "stage_parsers",
+    "stage_sources",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,21 +95,25 @@ def needed_stages(organs: Sequence[int]) -> list[tuple[str, dict]]:
     return stages
 
 
-def stage_checkpoints(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]):
-    """``(label, checkpoint path)`` of every stage ``organs`` need; the label names the refiner's organ."""
+def stage_parsers(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]) -> dict:
+    """Each stage ``organs`` need, its ``configs/inference.json`` parsed once: ``{(stage, refiner organ or None):
+    parser}``, for the weights check and then the loading (:meth:`Cascade.from_bundles`' ``parsers``)."""
     from .configs import read_stage_config
 
-    checkpoints = []
-    for name, extra in needed_stages(organs):
-        parser = read_stage_config(dirs[name], {**overrides.get(name, {}), **extra})
-        label = f"{name} ({extra['organ']})" if extra else name
-        checkpoints.append((label, Path(parser.get_parsed_content("ckpt_path"))))
-    return checkpoints
+    return {
+        (name, extra.get("organ")): read_stage_config(dirs[name], {**overrides.get(name, {}), **extra}, name)
+        for name, extra in needed_stages(organs)
+    }
 
 
-def missing_weights(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]) -> list[str]:
-    """``"<stage>: <checkpoint path>"`` for every needed stage whose checkpoint file does not exist."""
-    return [f"{label}: {path}" for label, path in stage_checkpoints(dirs, overrides, organs) if not path.is_file()]
+def missing_weights(parsers: Mapping) -> list[str]:
+    """``"<stage>: <checkpoint path>"`` for every stage of :func:`stage_parsers` whose checkpoint does not exist."""
+    missing = []
+    for (name, organ), parser in parsers.items():
+        checkpoint = Path(parser.get_parsed_content("ckpt_path"))
+        if not checkpoint.is_file():
+            missing.append(f"{name} ({organ}): {checkpoint}" if organ else f"{name}: {checkpoint}")
+    return missing
 
 
 def weights_error(missing: Sequence[str]) -> InputError:
@@ -138,10 +143,12 @@ def load_cascade(
     seed: int = 0,
     engine: str | None = "auto",
     max_voxels="default",
+    parsers: Mapping | None = None,
 ):
     """The cascade with the stages ``organs`` need, and the stages that run with random weights (no checkpoint,
     ``require_weights=False``: for timing). ``seed`` seeds their initialisation, so such runs repeat exactly.
-    ``engine`` and ``max_voxels`` as in :meth:`Cascade.from_bundles` (``"default"``: its limit)."""
+    ``engine`` and ``max_voxels`` as in :meth:`Cascade.from_bundles` (``"default"``: its limit); ``parsers``: the
+    stages' configs already parsed for these options (:func:`stage_parsers`)."""
     import torch
 
     from .cascade import MAX_CASE_VOXELS, Cascade
@@ -149,7 +156,8 @@ def load_cascade(
     max_voxels = parse_max_voxels(max_voxels)
     limit = MAX_CASE_VOXELS if max_voxels == "default" else max_voxels
     dirs, overrides = stage_sources(bundles_dir, stage_dirs, stage_overrides)
-    missing = missing_weights(dirs, overrides, organs)
+    parsers = stage_parsers(dirs, overrides, organs) if parsers is None else parsers
+    missing = missing_weights(parsers)
     if missing and require_weights:
         raise weights_error(missing)
     if missing:
@@ -162,7 +170,7 @@ def load_cascade(
         torch.manual_seed(int(seed))
         cascade = Cascade.from_bundles(
             device=device, amp=amp, stage_overrides=overrides, stage_dirs=dirs, require_weights=require_weights,
-            organs=organs, engine=engine, max_voxels=limit,
+            organs=organs, engine=engine, max_voxels=limit, parsers=parsers,
         )
     finally:
         stages_logger.removeFilter(quiet)
@@ -192,6 +200,7 @@ class Segmenter:
         engine: str | None = "auto",
         max_voxels="default",
         override=None,
+        stage_parsers=None,
     ):
         import torch
 
@@ -205,7 +214,7 @@ class Segmenter:
         self.seed = parse_seed(seed)
         self.cascade, self.random_weight_stages = load_cascade(
             self.organs, device, amp, bundles_dir, stage_dirs, stage_overrides,
-            as_bool(require_weights, "require_weights"), self.seed, engine, max_voxels,
+            as_bool(require_weights, "require_weights"), self.seed, engine, max_voxels, stage_parsers,
         )
 
     def labels_options(self) -> dict:
@@ -331,17 +340,18 @@ def plan_targets(images: Sequence[tuple[str, str]], output) -> list[tuple[str, P
     return [(image, output / f"{case}.nii.gz") for image, case in images]
 
 
-def check_weights(organs: Sequence[int], options: Mapping) -> None:
-    """Fail now, with the one line of :func:`weights_error`, if a needed stage has no weights and they are required."""
-    if not as_bool(options.get("require_weights", True), "require_weights"):
-        return
+def check_weights(organs: Sequence[int], options: Mapping) -> dict:
+    """Fail now, with the one line of :func:`weights_error`, if a needed stage has no weights and they are required.
+    Returns the stages' parsed configs (:func:`stage_parsers`), which the segmenter then loads without parsing again."""
     dirs, overrides = stage_sources(
         options.get("bundles_dir"), as_mapping(options.get("stage_dirs"), "stage_dirs"),
         cascade_overrides(options.get("stage_overrides"), options.get("override")),
     )
-    missing = missing_weights(dirs, overrides, organs)
-    if missing:
+    parsers = stage_parsers(dirs, overrides, organs)
+    missing = missing_weights(parsers)
+    if missing and as_bool(options.get("require_weights", True), "require_weights"):
         raise weights_error(missing)
+    return parsers
 
 
 class _CollectWarnings(logging.Handler):
@@ -427,7 +437,7 @@ def run_segment(
     parse_max_voxels(options.get("max_voxels", "default"))
     if "amp" in options and options["amp"] is not None:
         as_bool(options["amp"], "amp")
-    check_weights(chosen, options)
+    parsers = check_weights(chosen, options)
     from .files import refuse_foreign_outputs
     from .pseudo_label import load_volume_reference
 
@@ -446,7 +456,7 @@ def run_segment(
     package_logger = logging.getLogger("flare_c2f_extensions")
     package_logger.addHandler(collect)
     try:
-        segmenter = Segmenter(organs=chosen, **options)
+        segmenter = Segmenter(organs=chosen, **options, stage_parsers=parsers)
         run_warnings = collect.take()
         cases = _run_cases(segmenter, mine, overwrite, progress, collect,
                            dict(per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics, preview=preview),

@@ -87,6 +87,7 @@ def load_stage(
     require_weights: bool = True,
     engine: str = "torch",
     amp: bool | None = None,
+    parser=None,
 ) -> Stage:
     """Build a stage from its bundle: ``network_def`` with the checkpoint at ``ckpt_path`` (or ``weights``).
 
@@ -102,7 +103,7 @@ def load_stage(
     ``require_weights=False`` keeps the random (He-normal) initialisation when no checkpoint exists, for
     timing benchmarks; real use always loads weights.
     """
-    parser = read_stage_config(bundle_dir, overrides, name)
+    parser = read_stage_config(bundle_dir, overrides, name) if parser is None else parser  # parsed once by a caller
     checkpoint = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
     spatial_size = tuple(int(s) for s in parser.get_parsed_content("spatial_size"))
     automatic, engine = engine in (None, "auto"), resolve_engine(engine, device)

@@ -400,3 +400,22 @@ def test_segment_takes_trains_override_syntax(phantom, tmp_path):
           json.dumps(TINY_STAGES), "--override", "solid#spatial_size=[64,64,64]"])
     assert not np.array_equal(np.asarray(nib.load(str(tmp_path / "d.nii.gz")).dataobj),
                               np.asarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj))
+
+
+def test_each_stage_config_is_parsed_once_per_segment_run(phantom, tmp_path, monkeypatch):
+    """Issue 19: the stage configs were parsed three times on the way (weights check, segmenter, loading)."""
+    import flare_c2f_extensions.configs as configs
+    import flare_c2f_extensions.stages as stages
+
+    parsed = []
+    original = configs.read_stage_config
+
+    def counted(bundle_dir, overrides=None, stage=None):
+        parsed.append((Path(bundle_dir).name, (overrides or {}).get("organ")))
+        return original(bundle_dir, overrides, stage)
+
+    monkeypatch.setattr(configs, "read_stage_config", counted)
+    monkeypatch.setattr(stages, "read_stage_config", counted)
+    main(["segment", "-i", str(phantom), "-o", str(tmp_path / "seg.nii.gz"), *RANDOM, "--organs", "liver,gallbladder"])
+    assert sorted(parsed) == sorted([("flare22_coarse", None), ("flare22_fine_solid", None),
+                                     ("flare22_small_locator", None), ("flare22_small_refiner", "gallbladder")])
