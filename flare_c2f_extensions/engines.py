@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .files import remembered_sha256, usual_mode, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("torch", "openvino", "auto")
-_CHUNK = 1 << 20
 
 
 class EngineError(InputError):
@@ -81,54 +81,25 @@ def cache_root() -> Path:
     return Path(os.environ.get("FLARE_C2F_CACHE") or Path.home() / ".cache" / "flare_c2f")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# A remembered checkpoint hash is trusted only for a file last changed this long before it was hashed ("racy git"):
-# the kernel stamps changes with a coarse clock, so a file rewritten within one tick of being hashed could keep
-# its stamps; a change made after the hash always gets a later ctime.
-HASH_MEMO_MARGIN_S = 2.0
-
-
 def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """:func:`file_sha256` of a checkpoint, remembered in the cache by the file's identity (device, inode, size,
-    mtime and ctime in ns), so that a process start does not read every checkpoint again. Any change to the file
-    (a rewrite, a copy over it, even with its old mtime restored) gives it a new ctime, and it is hashed again."""
+    """sha256 of a checkpoint, remembered in the cache by the file's identity (:func:`files.remembered_sha256`), so
+    that a process start does not read every checkpoint again."""
     path = Path(path).resolve()
     memo = cache_root() / "openvino" / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
-    stat = path.stat()
-    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     try:
         remembered = json.loads(memo.read_text())
-        if remembered["path"] == str(path) and remembered["identity"] == identity:
-            return remembered["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    started_ns = time.time_ns()
-    digest = file_sha256(path)
-    if started_ns - max(stat.st_mtime_ns, stat.st_ctime_ns) >= HASH_MEMO_MARGIN_S * 1e9:
-        _write_memo(memo, {"path": str(path), "identity": identity, "sha256": digest})
-    return digest
-
-
-def _write_memo(memo: Path, content: dict) -> None:
-    tmp = None
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{memo.name}.", dir=memo.parent)
-        with os.fdopen(handle, "w") as file:
-            json.dump(content, file)
-        _shared_mode(Path(tmp), folder=False)
-        os.replace(tmp, memo)
-    except OSError as error:  # a read-only cache: hash every time
-        logger.debug("could not remember a checkpoint hash in %s (%s)", memo, error)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    except (OSError, ValueError):
+        remembered = None
+    if not isinstance(remembered, dict) or remembered.get("path") != str(path):
+        remembered = None
+    hashed = remembered_sha256(path, remembered)
+    if hashed["identity"] is not None and (remembered or {}).get("identity") != hashed["identity"]:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(json.dumps({"path": str(path), **hashed}), memo)
+        except OSError as error:  # a read-only cache: hash every time
+            logger.debug("could not remember a checkpoint hash in %s (%s)", memo, error)
+    return hashed["sha256"]
 
 
 def openvino_cache_key(checkpoint: str | os.PathLike, network_config, spatial_size: Sequence[int]) -> str:
@@ -236,13 +207,6 @@ def _writable_folder(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def _shared_mode(path: Path, folder: bool) -> None:
-    """The permissions a new file or folder gets under the umask (``mkdtemp``/``mkstemp`` make them private)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
-
-
 def _save_ir(model, key: str) -> None:
     """Write the IR atomically: a temporary folder renamed into place (another process may race us). A cache that
     cannot be written (read-only, full, not a folder) leaves the model uncached, with a warning."""
@@ -253,9 +217,9 @@ def _save_ir(model, key: str) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
         openvino.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        _shared_mode(tmp, folder=True)
+        usual_mode(tmp, folder=True)
         for file in tmp.iterdir():
-            _shared_mode(file, folder=False)
+            usual_mode(file)
         os.replace(tmp, final)
     except (OSError, RuntimeError) as error:  # RuntimeError: OpenVINO's own failure to write
         if not cached_openvino_ir(key):
@@ -321,7 +285,6 @@ __all__ = [
     "cache_root",
     "cached_openvino_ir",
     "checkpoint_sha256",
-    "file_sha256",
     "openvino_available",
     "openvino_cache_key",
     "openvino_engine",

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,12 +21,16 @@ __all__ = [
     "PROVENANCE_KEY",
     "add_provenance",
     "atomic_path",
+    "HASH_MEMO_MARGIN_S",
     "content_sha256",
+    "file_sha256",
     "finished",
     "labels_sha256",
     "output_provenance",
     "output_provenance_of",
     "refuse_foreign_outputs",
+    "remembered_sha256",
+    "usual_mode",
     "outputs_apart_from_inputs",
     "prepare_output_dir",
     "write_nifti_atomic",
@@ -33,10 +38,12 @@ __all__ = [
 ]
 
 
-def _umask() -> int:
+def usual_mode(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give ``path`` the permissions a new file or folder gets under the umask (``mkstemp`` and ``mkdtemp`` make
+    them private: a shared output or cache would be unreadable to the other users)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
 
 
 def prepare_output_dir(path: str | os.PathLike, what: str = "output") -> Path:
@@ -72,7 +79,7 @@ def atomic_path(path: str | os.PathLike):
     # a temporary name must fit the file system's 255-byte limit too, however long the final name is
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:160]}.", suffix=suffix, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a new file's usual permissions
+    usual_mode(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -122,21 +129,54 @@ def outputs_apart_from_inputs(images: Sequence[tuple[str | os.PathLike, str]], o
 # through it, so a file that the run did not write (another CT, a hand-corrected map) is never taken for finished,
 # nor replaced without --overwrite.
 PROVENANCE_KEY = "flare_c2f_provenance"
+
+
+# -- content hashes ------------------------------------------------------------------------------------------------
+
 _CHUNK = 1 << 20
+# A remembered hash is trusted only for a file last changed this long before it was hashed ("racy git"): the kernel
+# stamps changes with a coarse clock, so a file rewritten within one tick of being hashed could keep its stamps; a
+# change made after the hash always gets a later ctime.
+HASH_MEMO_MARGIN_S = 2.0
+
+
+def _feed(digest, path: Path) -> None:
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    _feed(digest, Path(path))
+    return digest.hexdigest()
 
 
 def content_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes; of a folder (a DICOM series): of its files' names and bytes, in name order."""
+    """:func:`file_sha256` of a file; of a folder (a DICOM series): of its files' names and bytes, in name order."""
     path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    for file in files:
-        if file is not path:
-            digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(_CHUNK), b""):
-                digest.update(block)
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(file.name.encode() + b"\0")
+        _feed(digest, file)
     return digest.hexdigest()
+
+
+def remembered_sha256(path: str | os.PathLike, remembered: dict | None = None) -> dict:
+    """``{"sha256", "identity"}`` of a file. ``remembered`` (an earlier result) is reused while the file's identity
+    (device, inode, size, mtime and ctime in ns) is the one it was hashed with: any rewrite, even one that restores
+    an older mtime (``cp -p``, ``rsync -a``), changes the ctime, and the file is read again. ``identity`` is ``None``
+    when the file changed too recently for its hash to be remembered (:data:`HASH_MEMO_MARGIN_S`)."""
+    stat = Path(path).stat()
+    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    if isinstance(remembered, dict) and remembered.get("identity") == identity and remembered.get("sha256"):
+        return {"sha256": remembered["sha256"], "identity": identity}
+    started_ns = time.time_ns()
+    digest = file_sha256(path)
+    settled = started_ns - max(stat.st_mtime_ns, stat.st_ctime_ns) >= HASH_MEMO_MARGIN_S * 1e9
+    return {"sha256": digest, "identity": identity if settled else None}
 
 
 def labels_sha256(labels: np.ndarray) -> str:

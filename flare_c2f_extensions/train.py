@@ -33,9 +33,8 @@ import numpy as np
 
 from .arguments import parse_overrides
 from .discovery import case_name, labelled_cases, split_cases
-from .engines import HASH_MEMO_MARGIN_S, file_sha256
 from .errors import InputError, input_error_in
-from .files import atomic_path, write_nifti_atomic, write_text_atomic
+from .files import atomic_path, remembered_sha256, write_nifti_atomic, write_text_atomic
 from .images import HU_RANGE, read_ct
 from .labels import GROUPS, ORGANS
 from .paths import BUNDLES_DIR, STAGE_BUNDLES
@@ -121,26 +120,11 @@ def _read_record(path: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _source_hash(path: Path, remembered) -> dict:
-    """``{"sha256", "identity"}`` of a source file. The remembered hash is reused while the file's identity
-    (device, inode, size, mtime and ctime) is the one it was hashed with: any rewrite, even one that restores an
-    older mtime (``cp -p``, ``rsync -a``), changes the ctime and the file is hashed again."""
-    stat = path.stat()
-    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-    if isinstance(remembered, dict) and remembered.get("identity") == identity and remembered.get("sha256"):
-        return {"sha256": remembered["sha256"], "identity": identity}
-    started_ns = time.time_ns()
-    digest = file_sha256(path)
-    # a file changed within the clock's tick of being hashed could keep its stamps: its hash is not remembered
-    settled = started_ns - max(stat.st_mtime_ns, stat.st_ctime_ns) >= HASH_MEMO_MARGIN_S * 1e9
-    return {"sha256": digest, "identity": identity if settled else None}
-
-
 def _sources_record(image: Path, label: Path, recorded: dict) -> dict:
     return {
         "format": CACHE_FORMAT,
-        "image": _source_hash(image, recorded.get("image")),
-        "label": _source_hash(label, recorded.get("label")),
+        "image": remembered_sha256(image, recorded.get("image")),
+        "label": remembered_sha256(label, recorded.get("label")),
     }
 
 

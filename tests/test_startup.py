@@ -14,7 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from flare_c2f_extensions import engines
+from flare_c2f_extensions import engines, files
 from flare_c2f_extensions.configs import read_stage_config
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.networks import ResUNetASPP
@@ -125,13 +125,13 @@ def hashing(tmp_path, monkeypatch):
     """A private cache and a count of the checkpoint reads that hashing does."""
     monkeypatch.setenv("FLARE_C2F_CACHE", str(tmp_path / "cache"))
     reads = []
-    original = engines.file_sha256
+    original = files.file_sha256
 
     def counted(path):
         reads.append(path)
         return original(path)
 
-    monkeypatch.setattr(engines, "file_sha256", counted)
+    monkeypatch.setattr(files, "file_sha256", counted)
     return reads
 
 
@@ -141,7 +141,7 @@ def _write(path, content: bytes):
 
 
 def test_a_remembered_hash_spares_reading_the_checkpoint_again(tmp_path, hashing, monkeypatch):
-    monkeypatch.setattr(engines, "HASH_MEMO_MARGIN_S", 0.0)
+    monkeypatch.setattr(files, "HASH_MEMO_MARGIN_S", 0.0)
     checkpoint = tmp_path / "model.pt"
     _write(checkpoint, b"weights" * 1000)
     expected = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -151,7 +151,7 @@ def test_a_remembered_hash_spares_reading_the_checkpoint_again(tmp_path, hashing
 
 
 def test_a_checkpoint_changed_in_place_is_hashed_again_even_with_its_old_mtime(tmp_path, hashing, monkeypatch):
-    monkeypatch.setattr(engines, "HASH_MEMO_MARGIN_S", 0.0)
+    monkeypatch.setattr(files, "HASH_MEMO_MARGIN_S", 0.0)
     checkpoint = tmp_path / "model.pt"
     _write(checkpoint, b"a" * 4096)
     before = checkpoint.stat()
