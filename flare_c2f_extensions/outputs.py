@@ -189,18 +189,20 @@ def write_case(
     preview: bool = False,
     provenance: dict | None = None,
     quality: dict | None = None,
+    geometry=None,
 ) -> list[Path]:
     """Write the outputs of one case (module docstring) beside ``target`` (the label map's path); returns their
     paths, the label map last. Atomic as a whole: staged in a hidden folder, then moved into place.
     ``provenance``: what the label map's header records of its input and options (:func:`named_label_image`);
-    ``quality``: each organ's quality signals and flags, added to its statistics."""
+    ``quality``: each organ's quality signals and flags, added to its statistics; ``geometry``: the image's, when the
+    caller has read it already."""
     target = Path(target)
     stem = stem_of(target)
     remove_abandoned_staging(target.parent, stem)
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-{os.getpid()}-", dir=target.parent))
     try:
         names = _write_staged(labels, image_path, staging, target.name, stem, organs, per_organ, dicom_seg,
-                              statistics, preview, provenance, quality)
+                              statistics, preview, provenance, quality, geometry)
         return _move_into_place(staging, target.parent, names)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -226,9 +228,9 @@ def _process_exists(pid: int) -> bool:
 
 
 def _write_staged(labels, image_path, staging: Path, label_name: str, stem: str, organs, per_organ, dicom_seg,
-                  statistics, preview, provenance, quality) -> list[str]:
+                  statistics, preview, provenance, quality, geometry) -> list[str]:
     names = []
-    geometry = image_geometry(image_path)  # headers read once for every mask
+    geometry = geometry or image_geometry(image_path)  # headers read once for every mask
 
     def text(name: str, content: str):
         write_text_atomic(content, staging / name)

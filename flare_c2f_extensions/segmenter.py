@@ -418,7 +418,9 @@ def run_segment(
     Under ``torchrun`` each rank segments its share of the cases on its own device and rank 0 writes one merged
     report (:mod:`.distributed`); the other ranks return their part."""
     from .distributed import Ranks, merge_reports
-    from .files import prepare_output_dir
+    from .engines import resolve_engine
+    from .files import prepare_output_dir, refuse_foreign_outputs
+    from .pseudo_label import load_volume_reference
 
     chosen = parse_organs(organs)
     images, ignored = resolve_inputs(input, output)
@@ -429,8 +431,6 @@ def run_segment(
         for image, _ in images:
             check_source(image)
     device = parse_device(options.get("device"))
-    from .engines import resolve_engine
-
     resolve_engine(options.get("engine", "auto"), device or ("cuda" if _cuda() else "cpu"))
     parse_threads(options.get("threads"))
     parse_seed(options.get("seed", 0))
@@ -438,11 +438,7 @@ def run_segment(
     if "amp" in options and options["amp"] is not None:
         as_bool(options["amp"], "amp")
     parsers = check_weights(chosen, options)
-    from .files import refuse_foreign_outputs
-    from .pseudo_label import load_volume_reference
-
     refuse_foreign_outputs(targets, overwrite)
-
     volumes = load_volume_reference(reference)
     folder = prepare_output_dir(targets[0][1].parent)
     single_file = len(targets) == 1 and targets[0][1] == Path(str(output)).expanduser()
@@ -500,12 +496,11 @@ def report_path_for(folder: Path, targets, single_file: bool) -> Path:
     return folder / name
 
 
-def _quality(labels, result, image, organs, reference) -> dict:
+def _quality(labels, result, image, affine, organs, reference) -> dict:
     """Each organ's quality signals and flags (:func:`pseudo_label.organ_quality`); a flagged organ is a warning."""
-    from .images import image_geometry
     from .pseudo_label import organ_quality
 
-    quality = organ_quality(labels, result, image_geometry(image).affine, organs, reference=reference)
+    quality = organ_quality(labels, result, affine, organs, reference=reference)
     for name, organ in quality.items():
         if organ["flags"]:
             logger.warning("%s: check the %s: %s", image, name, "; ".join(organ["flags"]))
@@ -519,6 +514,7 @@ def _run_cases(
     from .efficiency import ResourceMonitor
     from .errors import input_error_in
     from .files import output_provenance_of
+    from .images import image_geometry
     from .outputs import case_outputs, write_case
 
     cases, claimed = [], {}
@@ -536,9 +532,10 @@ def _run_cases(
                 else:
                     with ResourceMonitor(segmenter.cascade.device) as monitor:
                         labels, result = segmenter.labels(image, keep_confidence=True)
-                        quality = _quality(labels, result, image, segmenter.organs, reference)
+                        geometry = image_geometry(image)  # once, for the quality signals and the outputs
+                        quality = _quality(labels, result, image, geometry.affine, segmenter.organs, reference)
                         written = write_case(labels, image, target, segmenter.organs, **what, provenance=provenance,
-                                             quality=quality)
+                                             quality=quality, geometry=geometry)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as error:  # one bad case must not stop the others
