@@ -14,7 +14,7 @@ from .paths import STAGE_BUNDLES
 __all__ = [
     "as_bool", "as_mapping", "check_options", "keep_hashes", "parse_device", "parse_max_voxels", "parse_organs",
     "parse_seed",
-    "parse_threads", "OVERRIDE_SCOPES", "cascade_overrides", "parse_overrides", "stage_overrides_for",
+    "parse_threads", "OVERRIDE_SCOPES", "cascade_overrides", "parse_overrides",
 ]
 
 # the one override syntax of every command (train, segment, pseudo_label, self_train): scopes are "all" (every
@@ -228,20 +228,14 @@ def _read_override_file_content(content: Mapping) -> dict:
 
 
 def cascade_overrides(stage_overrides=None, override=None) -> dict[str, dict]:
-    """The cascade's overrides per stage from ``stage_overrides`` (the mapping form: a dict, JSON, Python literal or
-    a JSON/YAML file, ``{stage: {key: value}}``) and ``override`` (``"solid#key=value"`` strings, as ``train``
-    takes them), both read by :func:`parse_overrides`."""
+    """The cascade's overrides per stage (``coarse`` ... ``refiner``: ``all``, then the stage's own) from
+    ``stage_overrides`` (the mapping form: a dict, JSON, Python literal or a JSON/YAML file, ``{stage: {key: value}}``)
+    and ``override`` (``"solid#key=value"`` strings, as ``train`` takes them), both read by :func:`parse_overrides`.
+    The cascade runs one refiner config for the four organs, so a single organ's refiner scope is refused."""
     items = [as_mapping(stage_overrides, "stage_overrides")] if stage_overrides not in (None, "", {}) else []
     if override is not None:
         items += [override] if isinstance(override, (str, Mapping)) else list(override)
-    return stage_overrides_for(items)
-
-
-def stage_overrides_for(overrides) -> dict[str, dict]:
-    """The cascade's overrides per stage (``coarse`` ... ``refiner``) from :func:`parse_overrides`' syntax: ``all``
-    then the stage's own. The cascade runs one refiner config for the four organs, so a single organ's refiner scope
-    is refused."""
-    parsed = parse_overrides(overrides)
+    parsed = parse_overrides(items)
     single = sorted(scope for scope in parsed if scope.startswith("refiner_"))
     if single:
         raise InputError(f"--override: {single[0]}: the cascade takes refiner overrides for all four organs "

@@ -382,7 +382,6 @@ def _environment(segmenter: Segmenter) -> dict:
     from .version import __version__
 
     cascade = segmenter.cascade
-    stages = [cascade.coarse, *cascade.groups, *([cascade.locator] if cascade.locator else []), *cascade.refiners]
     return {
         "flare_c2f_extensions": __version__,
         "torch": torch.__version__,
@@ -393,7 +392,8 @@ def _environment(segmenter: Segmenter) -> dict:
         "amp": cascade.amp,
         "coarse_amp": cascade.coarse_amp,
         "organs": [ORGANS[o] for o in segmenter.organs],
-        "stages": [stage.name if stage.name != "refiner" else f"refiner:{ORGANS[stage.labels[0]]}" for stage in stages],
+        "stages": [stage.name if stage.name != "refiner" else f"refiner:{ORGANS[stage.labels[0]]}"
+                   for stage in cascade.stages],
         "random_weight_stages": segmenter.random_weight_stages,
     }
 
