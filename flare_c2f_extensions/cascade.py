@@ -56,12 +56,12 @@ from .files import (
 )
 from .images import image_geometry, read_ct
 from .label_maps import save_label_map
-from .labels import GROUPS, ORGANS, organ_id
+from .labels import ORGANS
 from .paths import STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
 from .postprocessing import dropped_components, keep_largest_component
 from .resizing import crop_resize, resize_rows, resize_spatial
-from .stages import Stage, coarse_amp, default_amp, load_stage, stage_geometry
+from .stages import Stage, cascade_parts, coarse_amp, default_amp, load_stage, needed_stages, stage_geometry
 
 __all__ = [
     "MAX_CASE_VOXELS", "Cascade", "CascadeInferer", "CascadeRunner", "CaseResult",
@@ -189,12 +189,10 @@ class Cascade:
                 parser=parser,
             )
 
-        wanted = set(ORGANS) if organs is None else {organ_id(o) for o in organs}
-        small = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
-        small = tuple(o for o in small if o in wanted)
-        coarse, locator = stage("coarse", precision=coarse_amp(amp, device)), stage("locator") if small else None
-        groups = [stage(group) for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
-        refiners = [stage("refiner", {"organ": ORGANS[o]}) for o in small]
+        def make(name, extra):
+            return stage(name, extra, precision=coarse_amp(amp, device) if name == "coarse" else amp)
+
+        coarse, groups, locator, refiners = cascade_parts(needed_stages(organs, small_organs), make)
         used = {"torch" if s.engine is None else s.engine.name for s in [coarse, locator, *groups, *refiners] if s}
         return cls(
             coarse=coarse,
@@ -369,12 +367,7 @@ class CascadeInferer(Inferer):
         def geometry(name: str, extra: Mapping | None = None) -> Stage:
             return stage_geometry(name, root / STAGE_BUNDLES[name], {**overrides.get(name, {}), **(extra or {})})
 
-        wanted = set(ORGANS) if organs is None else {organ_id(o) for o in organs}
-        small = tuple(o for o in GROUPS["small"] if o in wanted)
-        self.coarse = geometry("coarse")
-        self.groups = [geometry(group) for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
-        self.locator = geometry("locator") if small else None
-        self.refiners = [geometry("refiner", {"organ": ORGANS[o]}) for o in small]
+        self.coarse, self.groups, self.locator, self.refiners = cascade_parts(needed_stages(organs), geometry)
         self.amp = None if amp is None else as_bool(amp, "amp")
         self.largest_component = as_bool(largest_component, "largest_component")
 

@@ -36,7 +36,7 @@ from .arguments import (
 )
 from .errors import InputError
 from .label_maps import label_map_image
-from .labels import GROUPS, ORGANS
+from .labels import ORGANS
 from .paths import STAGE_BUNDLES
 from .paths import bundles_dir as default_bundles_dir
 
@@ -83,22 +83,11 @@ def stage_sources(
     return dirs, overrides
 
 
-def needed_stages(organs: Sequence[int]) -> list[tuple[str, dict]]:
-    """The stages ``organs`` need, as (stage name, extra overrides): the refiner once per small organ."""
-    wanted = set(organs)
-    stages = [("coarse", {})]
-    stages += [(group, {}) for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
-    small = [o for o in GROUPS["small"] if o in wanted]
-    if small:
-        stages.append(("locator", {}))
-        stages += [("refiner", {"organ": ORGANS[o]}) for o in small]
-    return stages
-
-
 def stage_parsers(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]) -> dict:
     """Each stage ``organs`` need, its ``configs/inference.json`` parsed once: ``{(stage, refiner organ or None):
     parser}``, for the weights check and then the loading (:meth:`Cascade.from_bundles`' ``parsers``)."""
     from .configs import read_stage_config
+    from .stages import needed_stages
 
     return {
         (name, extra.get("organ")): read_stage_config(dirs[name], {**overrides.get(name, {}), **extra}, name)

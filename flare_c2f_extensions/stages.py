@@ -15,12 +15,13 @@ import torch
 from .configs import read_stage_config
 from .engines import TorchEngine, cached_openvino_ir, openvino_cache_key, openvino_engine, resolve_engine
 from .errors import InputError
-from .labels import ORGANS
+from .labels import GROUPS, ORGANS, organ_id
 from .transforms import CropFromMask
 from .weights import load_weights
 
 __all__ = [
-    "Stage", "build_with_weights", "coarse_amp", "default_amp", "load_stage", "stage_geometry",
+    "Stage", "build_with_weights", "cascade_parts", "coarse_amp", "default_amp", "load_stage", "needed_stages",
+    "stage_geometry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,26 @@ class Stage:
         """Softmax probabilities (1, k+1, *spatial_size) for one channel-first input already on the grid."""
         logits = (self.engine or TorchEngine(self.network, amp))(x[None])
         return torch.softmax(logits.float(), dim=1)
+
+
+def needed_stages(organs=None, small_organs=None) -> list[tuple[str, dict]]:
+    """The stages ``organs`` (default all) need, as (stage name, extra overrides), in the order they are loaded: the
+    coarse stage, the locator when a small organ among ``small_organs`` (default the four) is wanted, the groups that
+    hold a wanted organ, and a refiner for each such small organ."""
+    wanted = set(ORGANS) if organs is None else {organ_id(o) for o in organs}
+    small = GROUPS["small"] if small_organs is None else tuple(organ_id(o) for o in small_organs)
+    small = [o for o in small if o in wanted]
+    stages = [("coarse", {})] + [("locator", {})] * bool(small)
+    stages += [(group, {}) for group in ("solid", "digestive", "vessels") if wanted & set(GROUPS[group])]
+    return stages + [("refiner", {"organ": ORGANS[o]}) for o in small]
+
+
+def cascade_parts(plan: list[tuple[str, dict]], make: Callable[[str, dict], Stage]):
+    """``(coarse, groups, locator, refiners)`` of a :func:`needed_stages` plan, each stage made by ``make``."""
+    made = [(name, make(name, extra)) for name, extra in plan]
+    stage = dict(made)
+    groups = [s for name, s in made if name in ("solid", "digestive", "vessels")]
+    return stage["coarse"], groups, stage.get("locator"), [s for name, s in made if name == "refiner"]
 
 
 def default_amp(device: torch.device) -> bool:
