@@ -230,7 +230,7 @@ class Cascade:
         started = time.perf_counter()
         result.labels = np.ascontiguousarray(nib.orientations.apply_orientation(result.labels, ornt))
         if result.confidence is not None:
-            result.confidence = np.ascontiguousarray(nib.orientations.apply_orientation(result.confidence, ornt))
+            result.confidence = nib.orientations.apply_orientation(result.confidence, ornt)  # a view: read, not written
         result.seconds = {"load": load, **result.seconds}
         result.seconds["postprocess"] += time.perf_counter() - started
         return result

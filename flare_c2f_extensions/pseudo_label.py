@@ -127,9 +127,13 @@ class QualityRule:
 # the labelled cohort's organ volumes
 
 
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
 def organ_volumes_ml(label_map: np.ndarray, affine: np.ndarray) -> dict[str, float]:
     """Volume in ml of every organ in ``label_map`` (voxel count x voxel volume), by organ name; 0 if absent."""
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(affine)
     counts = np.bincount(np.asarray(label_map, dtype=np.uint8).ravel(), minlength=len(ORGANS) + 1)
     return {name: float(counts[label]) * voxel_ml for label, name in ORGANS.items()}
 
@@ -194,7 +198,7 @@ def case_signals(
         raise ValueError(f"label map {labels.shape} and confidence map {confidence.shape} differ in shape")
     from scipy import ndimage
 
-    volumes = organ_volumes_ml(labels, affine)
+    voxel_ml = voxel_volume_ml(affine)  # each organ's voxels are counted inside its box: no pass over the volume
     boxes = ndimage.find_objects(labels.astype(np.uint8, copy=False), max_label=max(ORGANS))
     organs, missing = {}, []
     for label, name in ORGANS.items():
@@ -204,7 +208,7 @@ def case_signals(
         lost_voxels = int(lost.get("voxels", 0))
         signal = {
             "voxels": int(values.size),
-            "volume_ml": volumes[name],
+            "volume_ml": float(values.size) * voxel_ml,
             "dropped_components": int(lost.get("components", 0)),
             "dropped_voxels": lost_voxels,
             "dropped_fraction": lost_voxels / (values.size + lost_voxels) if values.size + lost_voxels else 0.0,
