@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from flare_c2f_extensions.cascade import Cascade
-from flare_c2f_extensions.efficiency import ResourceMonitor
+from flare_c2f_extensions.cascade.pipeline import Cascade
 from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.paths import STAGE_BUNDLES
-from flare_c2f_extensions.phantom import make_case
-from flare_c2f_extensions.resizing import resize_spatial
+from flare_c2f_extensions.runs.resources import ResourceMonitor
+from flare_c2f_extensions.synthetic.phantom import make_case
+from flare_c2f_extensions.transforms.resizing import resize_spatial
 
 
 def use_truth_as_guides(cascade: Cascade, case) -> None:

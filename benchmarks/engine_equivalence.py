@@ -18,9 +18,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from flare_c2f_extensions.cascade import Cascade
-from flare_c2f_extensions.metrics import organ_scores
-from flare_c2f_extensions.quickstart import QUICK_NETWORK, QUICK_STAGES
+from flare_c2f_extensions.cascade.pipeline import Cascade
+from flare_c2f_extensions.cli.quickstart import QUICK_NETWORK, QUICK_STAGES
+from flare_c2f_extensions.evaluation.metrics import organ_scores
 
 
 def stage_overrides(quickstart: Path, channels) -> dict:

@@ -36,11 +36,11 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, Orientation
 
 from flare_c2f_extensions import labels as L
-from flare_c2f_extensions import phantom
-from flare_c2f_extensions.boxes import box_size
-from flare_c2f_extensions.postprocessing import remap_labels
-from flare_c2f_extensions.resizing import paste_into, resize_spatial
-from flare_c2f_extensions.transforms import CropFromMask, ResizeToGridd
+from flare_c2f_extensions.synthetic import phantom
+from flare_c2f_extensions.transforms.boxes import box_size
+from flare_c2f_extensions.transforms.crop import CropFromMask, ResizeToGridd
+from flare_c2f_extensions.transforms.postprocessing import remap_labels
+from flare_c2f_extensions.transforms.resizing import paste_into, resize_spatial
 
 COARSE_SIZE, GROUP_SIZE, LOCATOR_SIZE, REFINER_SIZE = 128, 160, 128, 64  # the bundles' grids
 GROUP_MARGIN_MM = 15.0  # margin_mm of bundles/flare22_fine_*/configs

@@ -27,10 +27,10 @@ import psutil
 import torch
 from monai.data import MetaTensor
 
-from flare_c2f_extensions.cascade import Cascade
-from flare_c2f_extensions.efficiency import ResourceMonitor
+from flare_c2f_extensions.cascade.pipeline import Cascade
 from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.paths import STAGE_BUNDLES
+from flare_c2f_extensions.runs.resources import ResourceMonitor
 
 GRID = 128
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from flare_c2f_extensions.cascade import Cascade, CascadeRunner
-from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.cascade.pipeline import Cascade, CascadeRunner
+from flare_c2f_extensions.evaluation.metrics import evaluate_folder
+from flare_c2f_extensions.io.discovery import find_images
 from flare_c2f_extensions.labels import GROUPS, ORGANS
-from flare_c2f_extensions.metrics import evaluate_folder
-from flare_c2f_extensions.phantom import write_cohort
-from flare_c2f_extensions.self_train import self_train
-from flare_c2f_extensions.train import train_cascade
+from flare_c2f_extensions.synthetic.phantom import write_cohort
+from flare_c2f_extensions.training.self_train import self_train
+from flare_c2f_extensions.training.train import train_cascade
 
 
 # quick CPU settings (as the quickstart's, smaller): small grids, small network, high learning rate, no elastic

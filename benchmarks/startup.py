@@ -42,7 +42,7 @@ def write_checkpoints(folder: Path) -> None:
     """Random paper-size checkpoints for every stage under ``folder/<bundle>/models/`` (written once)."""
     import torch
 
-    from flare_c2f_extensions.configs import read_stage_config
+    from flare_c2f_extensions.cascade.configs import read_stage_config
     from flare_c2f_extensions.labels import GROUPS, ORGANS
     from flare_c2f_extensions.paths import BUNDLES_DIR, STAGE_BUNDLES
 
@@ -107,8 +107,9 @@ def timed(module, name: str, totals: dict, key: str):
 def run_phases(args, imports: tuple[float, float]):
     """The command in this process with each phase timed; returns the figures and a function that runs the case
     again in this (now warm) process."""
-    from flare_c2f_extensions import configs, segmenter, stages
     from flare_c2f_extensions.__main__ import main as cli_main
+    from flare_c2f_extensions.cascade import configs, stages
+    from flare_c2f_extensions.runs import segment as segmenter
 
     totals: dict = {}
     timed(configs, "read_stage_config", totals, "configs")  # as segmenter's checks import it
@@ -142,7 +143,7 @@ def run_phases(args, imports: tuple[float, float]):
 
 def warm_case(loaded, run_cases, args) -> tuple[float, float, dict]:
     """Wall and CPU seconds of the case in this warm process, through the command's per-case code, and its stages."""
-    from flare_c2f_extensions import segmenter
+    from flare_c2f_extensions.runs import segment as segmenter
 
     collect = segmenter._CollectWarnings(echo=False)
     cpu, started = time.process_time(), time.perf_counter()
@@ -154,7 +155,7 @@ def first_calls(args) -> None:
     """Each stage's network run twice on the same input in a fresh process: the first call's one-off set-up."""
     import torch
 
-    from flare_c2f_extensions.segmenter import Segmenter
+    from flare_c2f_extensions.runs.segment import Segmenter
 
     cpu, started = time.process_time(), time.perf_counter()
     cascade = Segmenter(bundles_dir=args.weights, engine=args.engine).cascade

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from flare_c2f_extensions.networks import PAPER_CHANNELS
+from flare_c2f_extensions.cascade.networks import PAPER_CHANNELS
 from flare_c2f_extensions.paths import STAGE_BUNDLES
-from flare_c2f_extensions.phantom import write_cohort
-from flare_c2f_extensions.train import StagePlan, _stage_workflow, copy_bundle, prepare_cache
+from flare_c2f_extensions.synthetic.phantom import write_cohort
+from flare_c2f_extensions.training.train import StagePlan, _stage_workflow, copy_bundle, prepare_cache
 
 
 class DataWait:

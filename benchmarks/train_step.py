@@ -16,7 +16,7 @@ import time
 import torch
 from monai.losses import DiceCELoss
 
-from flare_c2f_extensions.networks import ResUNetASPP
+from flare_c2f_extensions.cascade.networks import ResUNetASPP
 
 
 def main() -> None:

@@ -1,32 +1,34 @@
-"""Extensions that the flare22_* MONAI bundles reference: labels, network, transforms, inputs and outputs, metrics.
+"""The coarse-to-fine FLARE22 cascade as MONAI bundles: the code the bundles' configs reference, and the
+``flare-c2f`` command.
 
-``flare_c2f_extensions.segment(image_or_path, ...)`` segments one CT (see :func:`.segmenter.segment`); it is loaded on
-first use, so importing the package stays as light as the bundles need.
+One subpackage a concern:
+
+- :mod:`.io`: reading CTs (NIfTI, DICOM) and writing label maps, masks, DICOM SEG, previews; file safety;
+- :mod:`.transforms`: MONAI transforms of the stages (crops from a mask, resizing, largest component);
+- :mod:`.cascade`: the network, the stages built from their bundles, the engines, the whole cascade and its
+  MONAI inferer, assembling and exporting it;
+- :mod:`.runs`: batches of CTs through the cascade (one batch runner), ``segment``, pseudo-labels, ranks;
+- :mod:`.training`: training the stages through their bundles, resuming, self-training;
+- :mod:`.evaluation`: FLARE22 DSC and NSD, per-organ quality signals;
+- :mod:`.synthetic`: generated CTs with known organs, for the quickstart and the tests;
+- :mod:`.releases`: published bundles and the sample CT, downloaded and verified;
+- :mod:`.cli`: the command line and the quickstart.
+
+Beside them: :mod:`.labels` (organ ids, groups, tolerances: the one source of truth), :mod:`.options` (the options
+of a segmentation run), :mod:`.paths`, :mod:`.errors`, :mod:`.version`.
+
+``flare_c2f_extensions.segment(image_or_path, ...)`` segments one CT (:func:`.runs.segment.segment`); importing the
+package imports nothing else, so configs and commands load only what they use.
 """
 
-import gc as _gc
+from flare_c2f_extensions.version import __version__
 
-_collecting = _gc.isenabled()
-_gc.disable()  # torch and MONAI create a great many objects on import: collecting meanwhile costs ~0.9 s a start
-try:
-    from . import discovery, errors, files, images, label_maps, labels, metrics, networks, transforms
-finally:
-    if _collecting:
-        _gc.enable()
-
-from .version import __version__  # noqa: E402
-
-__all__ = [
-    "discovery", "errors", "files", "images", "label_maps", "labels", "metrics", "networks", "transforms", "segment",
-    "Segmenter", "__version__",
-]
-
-_LAZY = {"segment": "segment", "Segmenter": "Segmenter"}  # name -> attribute of .segmenter
+__all__ = ["segment", "Segmenter", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        from . import segmenter
+    if name in ("segment", "Segmenter"):
+        from flare_c2f_extensions.runs import segment
 
-        return getattr(segmenter, _LAZY[name])
+        return getattr(segment, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory):
     """Four small training cases (RAS and LPS alternate) and two held-out cases in the FLARE layout."""
-    from flare_c2f_extensions.phantom import write_cohort
+    from flare_c2f_extensions.synthetic.phantom import write_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     write_cohort(out, n=4, n_test=2, seed=7, shape=(48, 48, 32))
@@ -49,7 +49,7 @@ def good(tmp_path_factory):
     """A good synthetic CT (int16 HU, LPS storage): its path, voxels and affine."""
     import numpy as np
 
-    from flare_c2f_extensions.phantom import make_case
+    from flare_c2f_extensions.synthetic.phantom import make_case
 
     from helpers import save
 

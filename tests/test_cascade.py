@@ -11,12 +11,12 @@ import pytest
 import torch
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from flare_c2f_extensions.cascade import Cascade, CascadeRunner
-from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.cascade.pipeline import Cascade, CascadeRunner
 from flare_c2f_extensions.errors import InputError
-from flare_c2f_extensions.images import read_ct
+from flare_c2f_extensions.io.discovery import find_images
+from flare_c2f_extensions.io.images import read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
-from flare_c2f_extensions.transforms import ResizeToGridd
+from flare_c2f_extensions.transforms.crop import ResizeToGridd
 
 from helpers import BUNDLES, TINY_CHANNELS, TINY_STAGES, bundle_workflow
 
@@ -154,7 +154,7 @@ def test_bundle_runs_the_monai_way(cohort, tmp_path):
 
 
 def test_fusion_higher_probability_wins_and_background_never_erases():
-    from flare_c2f_extensions.cascade import _fuse
+    from flare_c2f_extensions.cascade.pipeline import _fuse
 
     labels = torch.zeros(8, 8, 8, dtype=torch.uint8)
     confidence = torch.zeros(8, 8, 8)

@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 import torch
 
-import flare_c2f_extensions.cascade as cascade_module
-from flare_c2f_extensions.cascade import CascadeRunner
-from flare_c2f_extensions.discovery import find_images
+import flare_c2f_extensions.cascade.pipeline as cascade_module
+from flare_c2f_extensions.cascade.pipeline import CascadeRunner
+from flare_c2f_extensions.cascade.stages import load_stage
 from flare_c2f_extensions.errors import FAILED_CASES_EXIT_STATUS, InputError
-from flare_c2f_extensions.images import image_geometry, read_ct
-from flare_c2f_extensions.label_maps import qform_holds, save_label_map
-from flare_c2f_extensions.phantom import make_case
-from flare_c2f_extensions.stages import load_stage
+from flare_c2f_extensions.io.discovery import find_images
+from flare_c2f_extensions.io.images import image_geometry, read_ct
+from flare_c2f_extensions.io.label_maps import qform_holds, save_label_map
+from flare_c2f_extensions.synthetic.phantom import make_case
 
 from helpers import (  # noqa: F401
     BUNDLES,
@@ -327,7 +327,7 @@ def test_label_map_image_rounds_floats_and_copies_integers(good):
     """Float maps are rounded; integer maps are taken as they are (no float pass over the volume), into an array of
     the image's own, so changing the caller's array afterwards changes nothing that is written."""
     _, image, _ = good
-    from flare_c2f_extensions.label_maps import label_map_image
+    from flare_c2f_extensions.io.label_maps import label_map_image
 
     soft = np.full(image.shape, 0.4, np.float32)
     soft[0, 0, 0] = 2.6
@@ -429,7 +429,7 @@ def test_evaluate_reorients_isolates_failures_and_reports_unknown_labels(tmp_pat
 
 
 def test_evaluate_checks_folders_before_scoring(tmp_path, monkeypatch):
-    from flare_c2f_extensions import metrics
+    from flare_c2f_extensions.evaluation import metrics
 
     case = make_case(3, shape=(16, 16, 8))
     _label_map(tmp_path / "gt" / "a.nii.gz", case.label, case.affine)
@@ -461,7 +461,7 @@ def _release_zip(path: Path, entries: dict[str, bytes]) -> tuple[Path, str]:
 
 
 def test_verify_release_bounds_inflation_and_refuses_case_collisions(tmp_path):
-    from flare_c2f_extensions.release import MAX_INFLATE_RATIO, ReleaseError, download_release, verify_release
+    from flare_c2f_extensions.releases.bundles import MAX_INFLATE_RATIO, ReleaseError, download_release, verify_release
 
     zeros = {"flare22_coarse/models/model.pt": bytes(64 << 20)}
     bomb, digest = _release_zip(tmp_path / "flare22_coarse_v0.1.0.zip", zeros)

@@ -11,13 +11,13 @@ import openvino  # noqa: E402,F401  (a dependency: the engine tests must not ski
 import pytest
 import torch
 
-from flare_c2f_extensions import engines
-from flare_c2f_extensions.cascade import Cascade, check_voxel_count
+from flare_c2f_extensions.cascade import engines
+from flare_c2f_extensions.cascade.pipeline import Cascade, check_voxel_count
+from flare_c2f_extensions.cascade.stages import coarse_amp, load_stage
+from flare_c2f_extensions.cli.quickstart import QUICK_NETWORK, QUICK_STAGES, train_stages
 from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.evaluation.metrics import organ_scores
 from flare_c2f_extensions.labels import GROUPS
-from flare_c2f_extensions.metrics import organ_scores
-from flare_c2f_extensions.quickstart import QUICK_NETWORK, QUICK_STAGES, train_stages
-from flare_c2f_extensions.stages import coarse_amp, load_stage
 
 from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID, TINY_STAGES
 
@@ -56,7 +56,7 @@ def test_openvino_missing_or_on_a_gpu_is_a_clear_error(monkeypatch):
 
 
 def _coarse_checkpoint(path, seed):
-    from flare_c2f_extensions.networks import ResUNetASPP
+    from flare_c2f_extensions.cascade.networks import ResUNetASPP
 
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def test_an_input_over_the_voxel_limit_is_refused_from_its_header(tmp_path):
 
 
 def test_the_cascade_checks_the_limit_before_reading(cohort, monkeypatch):
-    from flare_c2f_extensions import cascade as cascade_module
+    from flare_c2f_extensions.cascade import pipeline as cascade_module
 
     def read_ct(*args, **kwargs):
         raise AssertionError("the voxels were read")

@@ -14,8 +14,8 @@ import onnxscript  # noqa: F401  (the test extra installs onnx, onnxscript and o
 import pytest
 import torch
 
-from flare_c2f_extensions.cascade import Cascade
-from flare_c2f_extensions.export import export_checkpoint
+from flare_c2f_extensions.cascade.export import export_checkpoint
+from flare_c2f_extensions.cascade.pipeline import Cascade
 from flare_c2f_extensions.labels import GROUPS, ORGANS
 from flare_c2f_extensions.paths import STAGE_BUNDLES
 
@@ -182,8 +182,8 @@ def test_cascade_from_torchscript_stages_gives_the_same_labels(amp, bundles, coh
 
 
 def test_missing_torchscript_module_is_a_clear_error(bundles):
+    from flare_c2f_extensions.cascade.stages import load_stage
     from flare_c2f_extensions.errors import InputError
-    from flare_c2f_extensions.stages import load_stage
 
     with pytest.raises(InputError, match="no TorchScript module for the coarse stage"):
         load_stage("coarse", bundles / "flare22_coarse", "cpu", {"ckpt_path": str(bundles / "nowhere.ts")})

@@ -18,8 +18,8 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from monai.utils import set_determinism
 
-from flare_c2f_extensions.discovery import labelled_cases
 from flare_c2f_extensions.errors import InputError, input_error_in
+from flare_c2f_extensions.io.discovery import labelled_cases
 from flare_c2f_extensions.labels import GROUPS, ORGANS, label_names
 
 from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow

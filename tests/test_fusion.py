@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flare_c2f_extensions import cascade as cascade_module
-from flare_c2f_extensions.boxes import box_size, box_slices
-from flare_c2f_extensions.resizing import resize_rows, resize_spatial
+from flare_c2f_extensions.cascade import pipeline as cascade_module
+from flare_c2f_extensions.transforms.boxes import box_size, box_slices
+from flare_c2f_extensions.transforms.resizing import resize_rows, resize_spatial
 
 
 def reference_fuse(probs, box, stage_labels, labels, confidence) -> None:
@@ -68,7 +68,7 @@ def test_resize_rows_is_the_trilinear_resize_row_by_row():
 
 
 def test_argmax_channel_is_torch_argmax_ties_included():
-    from flare_c2f_extensions.cascade import _argmax_channel
+    from flare_c2f_extensions.cascade.pipeline import _argmax_channel
 
     for channels in (2, 5, 14):
         probs = torch.softmax(torch.randn(channels, 9, 7, 5, generator=torch.Generator().manual_seed(channels)), 0)

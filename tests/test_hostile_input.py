@@ -2,7 +2,7 @@
 never a hang, never a partial output file, never harm to the other cases of a batch.
 
 Every hostile case runs in a batch beside a good case (``find_images`` + ``CascadeRunner``, as the cascade bundle
-runs them), and the good case must be written. Policies (``flare_c2f_extensions.images``): NaN voxels become air
+runs them), and the good case must be written. Policies (``flare_c2f_extensions.io.images``): NaN voxels become air
 and infinities the window's ends, with a warning (all non-finite is an error); 8-bit integer images are an error
 (a label map); a 16-bit image with no air gets a warning and is segmented; an unwritable output folder fails before
 any case runs. A few cases also go through ``python -m monai.bundle run`` with the cascade's inference.json.
@@ -21,11 +21,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_c2f_extensions.cascade import CascadeRunner
-from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.cascade.pipeline import CascadeRunner
 from flare_c2f_extensions.errors import FAILED_CASES_EXIT_STATUS, InputError
+from flare_c2f_extensions.io.discovery import find_images
 from flare_c2f_extensions.labels import NUM_CLASSES
-from flare_c2f_extensions.phantom import make_case
+from flare_c2f_extensions.synthetic.phantom import make_case
 
 from helpers import TINY_STAGES, assert_same_geometry, no_hang, run_cascade_cli, save, tiny_cascade, write_dicom_series  # noqa: F401
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from flare_c2f_extensions.configs import read_stage_config, stage_keys
+from flare_c2f_extensions.cascade.configs import read_stage_config, stage_keys
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.paths import STAGE_BUNDLES
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from flare_c2f_extensions.images import read_ct
-from flare_c2f_extensions.phantom import make_case
+from flare_c2f_extensions.io.images import read_ct
+from flare_c2f_extensions.synthetic.phantom import make_case
 
 from helpers import (  # noqa: F401  (no_hang: an autouse fixture)
     COPIES,

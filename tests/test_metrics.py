@@ -25,15 +25,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from flare_c2f_extensions.discovery import case_name, is_nifti
-from flare_c2f_extensions.labels import NSD_TOLERANCE_MM, ORGAN_IDS, ORGANS, SLAB_ORGANS
-from flare_c2f_extensions.metrics import (
+from flare_c2f_extensions.evaluation.metrics import (
     evaluate_case,
     evaluate_folder,
     load_label_map,
     organ_scores,
     surface_dice,
 )
+from flare_c2f_extensions.io.discovery import case_name, is_nifti
+from flare_c2f_extensions.labels import NSD_TOLERANCE_MM, ORGAN_IDS, ORGANS, SLAB_ORGANS
 
 LIVER, AORTA, IVC, GALLBLADDER, ESOPHAGUS, DUODENUM = 1, 5, 6, 9, 10, 12
 

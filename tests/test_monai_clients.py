@@ -19,12 +19,12 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, LoadImage, SaveImaged
 
-from flare_c2f_extensions.assemble import assemble_cascade
-from flare_c2f_extensions.configs import read_stage_config
+from flare_c2f_extensions.cascade.assemble import assemble_cascade
+from flare_c2f_extensions.cascade.configs import read_stage_config
+from flare_c2f_extensions.cascade.networks import CASCADE_STAGES, CascadeNetwork
 from flare_c2f_extensions.labels import label_names
-from flare_c2f_extensions.networks import CASCADE_STAGES, CascadeNetwork
 from flare_c2f_extensions.paths import CASCADE_BUNDLE
-from flare_c2f_extensions.segmenter import Segmenter
+from flare_c2f_extensions.runs.segment import Segmenter
 
 from helpers import BUNDLES, TINY_STAGES, write_phantom
 
@@ -86,7 +86,7 @@ def _client_labels(ct: Path, pre, inferer, post, network, saved_to: Path | None 
         data["pred"] = inferer(data["image"][None], network)[0]  # MONAI Label: positional; Deploy: by keyword
     data = post(data)
     if saved_to is not None:
-        from flare_c2f_extensions.label_maps import FlareSaveImaged
+        from flare_c2f_extensions.io.label_maps import FlareSaveImaged
 
         FlareSaveImaged("pred", saved_to)(data)
     return np.asarray(data["pred"])[0]
@@ -149,7 +149,7 @@ def test_assembled_checkpoint_is_one_state_dict_of_every_stage(trained):
 
 
 def test_export_takes_either_checkpoint_form_and_the_whole_cascade(trained, tmp_path):
-    from flare_c2f_extensions.export import export_bundle
+    from flare_c2f_extensions.cascade.export import export_bundle
 
     tiny = {"network_def#channels": TINY_STAGES["coarse"]["network_def"]["channels"],
             "spatial_size": TINY_STAGES["coarse"]["spatial_size"]}
@@ -170,7 +170,7 @@ def test_every_stage_bundle_runs_from_the_image_alone_and_names_what_it_writes(t
     TorchScript export, and writes only the ids its ``channel_def`` names (refiner: models/model.pt, its default)."""
     from monai.bundle import ckpt_export
 
-    from flare_c2f_extensions.train import default_refiner_checkpoint
+    from flare_c2f_extensions.training.train import default_refiner_checkpoint
 
     folder = trained / bundle
     if bundle == "flare22_small_refiner":

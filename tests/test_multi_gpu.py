@@ -100,7 +100,7 @@ RECORDER = {
 @pytest.fixture(scope="module")
 def cohort6(tmp_path_factory):
     """Six labelled cases: with num_val=2, four train (two per rank) and two validate (one per rank)."""
-    from flare_c2f_extensions.phantom import write_cohort
+    from flare_c2f_extensions.synthetic.phantom import write_cohort
 
     out = tmp_path_factory.mktemp("cohort6")
     write_cohort(out, n=6, seed=11, shape=(48, 48, 32))
@@ -108,8 +108,8 @@ def cohort6(tmp_path_factory):
 
 
 def test_torchrun_two_processes_train_on_disjoint_data_and_write_one_checkpoint(cohort6, tmp_path):
-    from flare_c2f_extensions.discovery import labelled_cases, split_cases
-    from flare_c2f_extensions.networks import ResUNetASPP
+    from flare_c2f_extensions.cascade.networks import ResUNetASPP
+    from flare_c2f_extensions.io.discovery import labelled_cases, split_cases
 
     configs = BUNDLES / "flare22_coarse" / "configs"
     recorder = tmp_path / "record.json"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from flare_c2f_extensions.cascade.networks import ResUNetASPP, count_parameters, describe
 from flare_c2f_extensions.labels import NUM_CLASSES
-from flare_c2f_extensions.networks import ResUNetASPP, count_parameters, describe
 
 
 def test_paper_size_within_one_percent():

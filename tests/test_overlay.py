@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flare_c2f_extensions.overlay import PALETTE, VIEWS, overlay_figure, save_overlay
+from flare_c2f_extensions.io.overlay import PALETTE, VIEWS, overlay_figure, save_overlay
 
 SHAPE, SPACING = (40, 30, 20), (1.0, 2.0, 3.0)
 

@@ -13,7 +13,7 @@ from nibabel.orientations import aff2axcodes
 from scipy import ndimage
 
 from flare_c2f_extensions.labels import NUM_ORGANS, ORGAN_IDS, ORGANS
-from flare_c2f_extensions.phantom import Case, make_case, organ_centroids, write_cohort
+from flare_c2f_extensions.synthetic.phantom import Case, make_case, organ_centroids, write_cohort
 
 DEFAULT = (96, 96, 64)
 TINY = (48, 48, 32)
@@ -256,7 +256,7 @@ def test_cli(tmp_path):
 
 
 def test_unlabelled_part_keeps_its_truth_aside(tmp_path):
-    from flare_c2f_extensions.discovery import find_images, labelled_cases
+    from flare_c2f_extensions.io.discovery import find_images, labelled_cases
 
     out = tmp_path / "cohort"
     paths = write_cohort(out, n=1, n_unlabelled=2, seed=3, shape=(32, 32, 20))

@@ -25,14 +25,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_c2f_extensions.cascade import CaseResult
-from flare_c2f_extensions.discovery import case_name
+from flare_c2f_extensions.cascade.pipeline import CaseResult
 from flare_c2f_extensions.errors import InputError
-from flare_c2f_extensions.images import image_geometry, read_ct
+from flare_c2f_extensions.evaluation.metrics import evaluate_case, evaluate_folder
+from flare_c2f_extensions.io.discovery import case_name
+from flare_c2f_extensions.io.images import image_geometry, read_ct
 from flare_c2f_extensions.labels import ORGANS
-from flare_c2f_extensions.metrics import evaluate_case, evaluate_folder
-from flare_c2f_extensions.pseudo_label import pseudo_label
-from flare_c2f_extensions.release import ReleaseError, download_release, verify_release
+from flare_c2f_extensions.releases.bundles import ReleaseError, download_release, verify_release
+from flare_c2f_extensions.runs.pseudo_label import pseudo_label
 
 from helpers import BUNDLES, REPO, TINY_STAGES, save
 
@@ -263,7 +263,7 @@ def _terminate_mid_download(command, target) -> tuple[int, str]:
 
 # download_release called as a library: a KeyboardInterrupt("terminated") must reach the caller
 LIBRARY_CALL = """import sys
-from flare_c2f_extensions.release import download_release
+from flare_c2f_extensions.releases.bundles import download_release
 try:
     download_release(sys.argv[1], sys.argv[2], sha256=sys.argv[3])
 except KeyboardInterrupt as stop:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from flare_c2f_extensions.__main__ import main
-from flare_c2f_extensions.files import PROVENANCE_KEY
+from flare_c2f_extensions.io.files import PROVENANCE_KEY
 
 from helpers import TINY_STAGES, write_dicom_series, write_phantom
 
@@ -110,7 +110,7 @@ def test_a_misspelled_option_stops_before_any_work(phantom, tmp_path, monkeypatc
     assert "--orgns" in message and "--organs" in message
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
-    import flare_c2f_extensions.train as train_module
+    import flare_c2f_extensions.training.train as train_module
 
     monkeypatch.setattr(train_module, "train_cascade", lambda *a, **k: pytest.fail("training started"))
     message = refused(["train", "--dataset_dir", str(tmp_path), "--out", str(tmp_path / "t"), "--epoch", "1"])
@@ -158,8 +158,8 @@ def test_a_rerun_with_other_options_or_a_changed_input_redoes_the_case(phantom, 
 def _coarse_with_weights(tmp_path: Path):
     import torch
 
-    from flare_c2f_extensions.networks import ResUNetASPP
-    from flare_c2f_extensions.stages import load_stage
+    from flare_c2f_extensions.cascade.networks import ResUNetASPP
+    from flare_c2f_extensions.cascade.stages import load_stage
 
     from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID
 
@@ -199,7 +199,7 @@ def test_an_unwritable_openvino_cache_runs_uncached_and_a_written_one_is_shared(
 def test_one_openvino_segmenter_called_from_four_threads(phantom):
     from concurrent.futures import ThreadPoolExecutor
 
-    from flare_c2f_extensions.segmenter import Segmenter
+    from flare_c2f_extensions.runs.segment import Segmenter
 
     segmenter = Segmenter(organs="liver", require_weights=False, engine="openvino", stage_overrides=TINY_STAGES)
     assert segmenter.cascade.coarse.engine.name == "openvino"
@@ -223,7 +223,7 @@ def test_one_openvino_segmenter_called_from_four_threads(phantom):
 def test_images_too_small_or_not_ct_are_refused_with_their_size(tmp_path):
     import flare_c2f_extensions as fce
     from flare_c2f_extensions.errors import InputError
-    from flare_c2f_extensions.images import check_volume
+    from flare_c2f_extensions.io.images import check_volume
 
     options = dict(require_weights=False, stage_overrides=TINY_STAGES, engine="torch", organs="liver")
     for shape in ((48, 48, 1), (4, 4, 4), (1, 1, 1), (48, 1, 32)):
@@ -246,7 +246,7 @@ def test_dicom_rescale_slope_zero_is_refused(phantom, tmp_path):
     import pydicom
 
     from flare_c2f_extensions.errors import InputError
-    from flare_c2f_extensions.images import read_voxels
+    from flare_c2f_extensions.io.images import read_voxels
 
     series = write_dicom_series(nib.load(str(phantom)), tmp_path / "series")
     first = sorted(series.iterdir())[0]
@@ -261,9 +261,9 @@ def test_dicom_rescale_slope_zero_is_refused(phantom, tmp_path):
 def test_links_pipes_and_a_case_named_like_the_report(phantom, tmp_path):
     import os
 
-    from flare_c2f_extensions.discovery import find_images
     from flare_c2f_extensions.errors import InputError
-    from flare_c2f_extensions.segmenter import resolve_inputs
+    from flare_c2f_extensions.io.discovery import find_images
+    from flare_c2f_extensions.runs.segment import resolve_inputs
 
     inputs = tmp_path / "in"
     write_dicom_series(nib.load(str(phantom)), inputs / "a")
@@ -299,7 +299,7 @@ def test_abandoned_staging_folders_are_removed_and_a_live_one_kept(phantom, tmp_
 INTERRUPTED_RUN = """
 import sys, time
 from pathlib import Path
-import flare_c2f_extensions.outputs as outputs
+import flare_c2f_extensions.io.outputs as outputs
 from flare_c2f_extensions.__main__ import console
 
 def stall(labels, image_path, staging, *args):
@@ -380,7 +380,7 @@ def test_values_of_options_are_checked_before_any_file_is_written(phantom, cohor
 def test_segment_takes_trains_override_syntax(phantom, tmp_path):
     """One override syntax (issue 19): ``--override "stage#key=value"`` (and ``all``/``refiner`` scopes, files) as
     ``train`` takes it; the same labels as the mapping form of ``--stage_overrides``."""
-    from flare_c2f_extensions.arguments import cascade_overrides
+    from flare_c2f_extensions.cli.arguments import cascade_overrides
 
     channels, grid = TINY_STAGES["coarse"]["network_def"]["channels"], TINY_STAGES["coarse"]["spatial_size"]
     keyed = [f"network_def#channels={json.dumps(channels)}", f"spatial_size={json.dumps(grid)}"]
@@ -404,8 +404,8 @@ def test_segment_takes_trains_override_syntax(phantom, tmp_path):
 
 def test_each_stage_config_is_parsed_once_per_segment_run(phantom, tmp_path, monkeypatch):
     """Issue 19: the stage configs were parsed three times on the way (weights check, segmenter, loading)."""
-    import flare_c2f_extensions.configs as configs
-    import flare_c2f_extensions.stages as stages
+    import flare_c2f_extensions.cascade.configs as configs
+    import flare_c2f_extensions.cascade.stages as stages
 
     parsed = []
     original = configs.read_stage_config

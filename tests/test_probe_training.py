@@ -20,7 +20,7 @@ import pytest
 
 from flare_c2f_extensions.__main__ import COMMANDS
 from flare_c2f_extensions.errors import InputError
-from flare_c2f_extensions.train import prepare_cache, train_cascade
+from flare_c2f_extensions.training.train import prepare_cache, train_cascade
 
 from helpers import TINY_CHANNELS, TINY_GRID, physical, save
 

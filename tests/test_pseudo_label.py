@@ -20,10 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from flare_c2f_extensions.cascade import Cascade
+from flare_c2f_extensions.cascade.pipeline import Cascade
 from flare_c2f_extensions.labels import NUM_CLASSES, ORGAN_IDS, ORGANS
-from flare_c2f_extensions.phantom import make_case
-from flare_c2f_extensions.pseudo_label import (
+from flare_c2f_extensions.runs.pseudo_label import (
     QualityRule,
     case_signals,
     decide,
@@ -31,6 +30,7 @@ from flare_c2f_extensions.pseudo_label import (
     pseudo_label,
     volume_reference,
 )
+from flare_c2f_extensions.synthetic.phantom import make_case
 
 from helpers import BUNDLES, REPO
 from helpers import TINY_STAGES as HELPER_STAGES

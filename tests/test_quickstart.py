@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 import flare_c2f_extensions
-from flare_c2f_extensions.quickstart import LOG_DIR, QUICK_STAGES, logs_to_file, quickstart, stage_runs
+from flare_c2f_extensions.cli.quickstart import LOG_DIR, QUICK_STAGES, logs_to_file, quickstart, stage_runs
 
 from helpers import TINY_CHANNELS, TINY_GRID
 
@@ -91,9 +91,9 @@ def test_logs_to_file_restores_the_terminal(tmp_path, capsys):
 def test_cpu_training_network_keeps_the_model_and_its_outputs():
     import torch
 
-    from flare_c2f_extensions.networks import ResUNetASPP
-    from flare_c2f_extensions.quickstart import cpu_training_network
-    from flare_c2f_extensions.stages import default_amp
+    from flare_c2f_extensions.cascade.networks import ResUNetASPP
+    from flare_c2f_extensions.cascade.stages import default_amp
+    from flare_c2f_extensions.cli.quickstart import cpu_training_network
 
     torch.manual_seed(0)
     plain = ResUNetASPP(spatial_dims=3, in_channels=1, out_channels=3, channels=TINY_CHANNELS)

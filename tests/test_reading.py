@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flare_c2f_extensions.images import TILE, c_order_copy, read_ct, read_voxels
+from flare_c2f_extensions.io.images import TILE, c_order_copy, read_ct, read_voxels
 
 
 def views(array: np.ndarray):

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from flare_c2f_extensions.discovery import find_images
-from flare_c2f_extensions.images import image_geometry, read_ct
+from flare_c2f_extensions.io.discovery import find_images
+from flare_c2f_extensions.io.images import image_geometry, read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
-from flare_c2f_extensions.samples import TOTALSEG_TO_FLARE, SampleError, map_totalseg_to_flare, sample_ct
+from flare_c2f_extensions.releases.sample_ct import TOTALSEG_TO_FLARE, SampleError, map_totalseg_to_flare, sample_ct
 
 from helpers import (  # noqa: F401  (no_hang: an autouse fixture)
     REPO,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from flare_c2f_extensions.paths import STAGE_BUNDLES as CASCADE_STAGES
-from flare_c2f_extensions.release import ReleaseError, download_release, pack, verify_release
+from flare_c2f_extensions.releases.bundles import ReleaseError, download_release, pack, verify_release
 
 from helpers import BUNDLES, TINY, TINY_CHANNELS
 

@@ -20,9 +20,9 @@ from PIL import Image
 
 import flare_c2f_extensions
 from flare_c2f_extensions.__main__ import main
-from flare_c2f_extensions.images import image_geometry
+from flare_c2f_extensions.io.images import image_geometry
 from flare_c2f_extensions.labels import ORGAN_IDS, ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, label_names
-from flare_c2f_extensions.segmenter import Segmenter
+from flare_c2f_extensions.runs.segment import Segmenter
 
 from helpers import REPO, TINY_STAGES, write_phantom
 
@@ -174,7 +174,7 @@ def test_organ_subset_runs_only_its_stages(phantom, tmp_path):
 
 def test_weights_folder_is_found(phantom, tmp_path):
     """``--bundles_dir`` may hold just the weights (``<bundle>/models/``): the configs come from the shipped bundles."""
-    from flare_c2f_extensions.stages import load_stage
+    from flare_c2f_extensions.cascade.stages import load_stage
 
     weights = tmp_path / "trained"
     torch.manual_seed(1)
@@ -196,7 +196,7 @@ def test_dicom_series_gives_the_same_organs_and_a_dicom_seg(series, cli_run, tmp
     import highdicom as hd
     import pydicom
 
-    from flare_c2f_extensions.dicom import DicomSeries
+    from flare_c2f_extensions.io.dicom import DicomSeries
 
     out = tmp_path / "out"
     main(["segment", "-i", str(series), "-o", str(out), "--dicom_seg", "--statistics", *RANDOM])
@@ -318,7 +318,7 @@ def test_command_exit_status_and_stderr(phantom, tmp_path):
 
 
 def test_a_failing_output_keeps_the_previous_files(phantom, tmp_path, monkeypatch, capsys):
-    from flare_c2f_extensions import outputs
+    from flare_c2f_extensions.io import outputs
 
     out = tmp_path / "seg.nii.gz"
     main(["segment", "-i", str(phantom), "-o", str(out), "--statistics", *RANDOM])

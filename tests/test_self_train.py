@@ -9,8 +9,8 @@ import fire
 import pytest
 
 from flare_c2f_extensions.__main__ import COMMANDS
-from flare_c2f_extensions.discovery import labelled_cases, split_cases, training_cases
 from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.io.discovery import labelled_cases, split_cases, training_cases
 from flare_c2f_extensions.paths import STAGE_BUNDLES
 
 from helpers import bundle_workflow
@@ -23,7 +23,7 @@ TINY_OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def cohort_u(tmp_path_factory):
-    from flare_c2f_extensions.phantom import write_cohort
+    from flare_c2f_extensions.synthetic.phantom import write_cohort
 
     out = tmp_path_factory.mktemp("cohort_u")
     write_cohort(out, n=3, n_unlabelled=2, seed=9, shape=(48, 48, 32))

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_c2f_extensions.distributed import Ranks, merge_reports
+from flare_c2f_extensions.runs.ranks import Ranks, merge_reports
 
 from helpers import BUNDLES, REPO, TINY_STAGES
 
@@ -106,7 +106,7 @@ def test_cascade_bundle_overlay_shards_the_cases_over_two_processes(cohort, tmp_
 
 @pytest.fixture(scope="module")
 def eight(tmp_path_factory):
-    from flare_c2f_extensions.phantom import write_cohort
+    from flare_c2f_extensions.synthetic.phantom import write_cohort
 
     out = tmp_path_factory.mktemp("eight")
     write_cohort(out, n=8, seed=5, shape=(48, 48, 32))

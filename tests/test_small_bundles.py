@@ -20,7 +20,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from flare_c2f_extensions.discovery import labelled_cases
+from flare_c2f_extensions.io.discovery import labelled_cases
 from flare_c2f_extensions.labels import GROUPS, ORGAN_IDS, ORGANS, REFINER_MIN_SIZE_MM, label_names
 
 from helpers import BUNDLES, TINY, TINY_TRAIN, bundle_workflow
@@ -172,7 +172,7 @@ def test_refiner_organ_key_chooses_labels_box_and_checkpoint(organ):
     train = _load(REFINER, "train.json")
     assert "@validate#best_model_saver" in train["validate"]["handlers"]
     saver = train["validate"]["best_model_saver"]
-    assert saver["_target_"] == "flare_c2f_extensions.checkpoints.AtomicCheckpointSaver"
+    assert saver["_target_"] == "flare_c2f_extensions.training.checkpoints.AtomicCheckpointSaver"
     assert "@ckpt_path" in saver["save_dir"] and "@ckpt_path" in saver["key_metric_filename"]
     evaluate = _load(REFINER, "evaluate.json")
     loader = next(h for h in evaluate["validate#handlers"] if h["_target_"] == "CheckpointLoader")
@@ -214,7 +214,7 @@ def test_unknown_organ_is_a_clear_error_listing_the_known_organs(organ, cohort, 
 @pytest.fixture(scope="module")
 def roomy_case(tmp_path_factory):
     """One case whose field of view (128 x 128 x 80 mm) exceeds every minimum box size."""
-    from flare_c2f_extensions.phantom import write_cohort
+    from flare_c2f_extensions.synthetic.phantom import write_cohort
 
     out = tmp_path_factory.mktemp("roomy")
     write_cohort(out, n=1, seed=3, shape=(64, 64, 40), spacing=2.0)

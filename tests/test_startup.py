@@ -14,12 +14,13 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from flare_c2f_extensions import engines, files
-from flare_c2f_extensions.configs import read_stage_config
+from flare_c2f_extensions.cascade import engines
+from flare_c2f_extensions.cascade.configs import read_stage_config
+from flare_c2f_extensions.cascade.networks import ResUNetASPP
+from flare_c2f_extensions.cascade.stages import build_with_weights, load_stage
+from flare_c2f_extensions.cascade.weights import load_weights
 from flare_c2f_extensions.errors import InputError
-from flare_c2f_extensions.networks import ResUNetASPP
-from flare_c2f_extensions.stages import build_with_weights, load_stage
-from flare_c2f_extensions.weights import load_weights
+from flare_c2f_extensions.io import files
 
 from helpers import BUNDLES, REPO, TINY_CHANNELS, TINY_GRID
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from flare_c2f_extensions.__main__ import COMMANDS
-from flare_c2f_extensions.arguments import parse_overrides
-from flare_c2f_extensions.cascade import Cascade, CascadeRunner
-from flare_c2f_extensions.checkpoints import latest_state
-from flare_c2f_extensions.discovery import find_images
+from flare_c2f_extensions.cascade.pipeline import Cascade, CascadeRunner
+from flare_c2f_extensions.cli.arguments import parse_overrides
 from flare_c2f_extensions.errors import InputError
-from flare_c2f_extensions.metrics import evaluate_folder, format_summary
-from flare_c2f_extensions.train import STAGES, done_marker, select_stages, train_cascade
+from flare_c2f_extensions.evaluation.metrics import evaluate_folder, format_summary
+from flare_c2f_extensions.io.discovery import find_images
+from flare_c2f_extensions.training.checkpoints import latest_state
+from flare_c2f_extensions.training.train import STAGES, done_marker, select_stages, train_cascade
 
 # every stage tiny, through the command line's own override syntax
 TINY_OVERRIDES = [
@@ -136,7 +136,7 @@ def test_killed_stage_resumes_at_saved_epoch_and_finished_stage_is_skipped(cohor
 @pytest.fixture(scope="module")
 def cohort6(tmp_path_factory):
     """Six labelled cases: with num_val=2, two training and one validation case per rank."""
-    from flare_c2f_extensions.phantom import write_cohort
+    from flare_c2f_extensions.synthetic.phantom import write_cohort
 
     out = tmp_path_factory.mktemp("cohort6")
     write_cohort(out, n=6, seed=11, shape=(48, 48, 32))

@@ -18,23 +18,23 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
-from flare_c2f_extensions.boxes import box_from_mask, box_slices, expand_box, get_crop_box, map_box
 from flare_c2f_extensions.labels import GROUPS
-from flare_c2f_extensions.postprocessing import (
-    KeepLargestComponent,
-    KeepLargestComponentd,
-    RemapLabels,
-    RemapLabelsd,
-    keep_largest_component,
-)
-from flare_c2f_extensions.resizing import paste_into, resize_spatial
-from flare_c2f_extensions.transforms import (
+from flare_c2f_extensions.transforms.boxes import box_from_mask, box_slices, expand_box, get_crop_box, map_box
+from flare_c2f_extensions.transforms.crop import (
     ClipIntensityd,
     CropFromMask,
     CropFromMaskd,
     RandCropFromMask,
     RandCropFromMaskd,
 )
+from flare_c2f_extensions.transforms.postprocessing import (
+    KeepLargestComponent,
+    KeepLargestComponentd,
+    RemapLabels,
+    RemapLabelsd,
+    keep_largest_component,
+)
+from flare_c2f_extensions.transforms.resizing import paste_into, resize_spatial
 
 SPACING = (0.8, 0.8, 2.5)
 SHAPE = (64, 56, 40)
@@ -137,7 +137,7 @@ def test_expand_and_map_box_helpers():
     box = ((3, 4, 5), (10, 11, 12))
     assert map_box(box, ident) == box
     # a coarse grid of half the size covering the same field of view: coarse voxel j covers fine voxels 2j, 2j+1
-    from flare_c2f_extensions.boxes import fov_affine
+    from flare_c2f_extensions.transforms.boxes import fov_affine
 
     assert map_box(((1, 2, 3), (4, 5, 6)), fov_affine((8, 8, 8), (16, 16, 16))) == ((2, 4, 6), (8, 10, 12))
 
@@ -524,7 +524,7 @@ def test_soft_targets_for_other_classes_than_the_box():
     import torch
     from monai.data import MetaTensor
 
-    from flare_c2f_extensions.transforms import CropFromMaskd
+    from flare_c2f_extensions.transforms.crop import CropFromMaskd
 
     label = torch.zeros(1, 40, 40, 30, dtype=torch.uint8)
     label[0, 5:30, 5:30, 5:25] = 1  # a big organ: only defines the box

@@ -31,7 +31,7 @@ from monai.deploy.operators.monai_bundle_inference_operator import IOMapping, Mo
 from pydicom.sr.coding import Code
 
 from flare_c2f_extensions import __version__
-from flare_c2f_extensions.dicom_seg import PATIENT_STUDY_TYPE2
+from flare_c2f_extensions.io.dicom_seg import PATIENT_STUDY_TYPE2
 from flare_c2f_extensions.labels import ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, SNOMED_LATERALITY
 
 CT_SERIES = {"selections": [{"name": "CT", "conditions": {"Modality": "(?i)CT"}}]}

@@ -1,0 +1,292 @@
+"""Engines that run a stage's network: PyTorch (any device) or OpenVINO (CPU).
+
+``engine="auto"`` takes OpenVINO on a CPU when the ``openvino`` package is installed and torch otherwise, and
+torch for a stage without a checkpoint (random weights, as in timing runs and tests): such a stage cannot be cached,
+and converting it in every process costs more than it saves on a few cases. The rule is measured, not assumed
+(README "Measured"): on this project's CPUs OpenVINO runs the cascade's grids faster than torch in the same
+precision; on CUDA only torch runs.
+
+OpenVINO stages are converted from the PyTorch network (trained weights loaded) at first use. Conversion takes
+seconds to minutes for the paper-size network, so the converted model (OpenVINO IR) is cached in
+``<cache>/openvino/<key>/`` where ``key`` is the sha256 of the checkpoint's bytes together with the network
+config, the grid and the OpenVINO version: a changed checkpoint gets a new key and is never served stale (the
+checkpoint's sha256 is remembered by the file's identity, ctime included: :func:`checkpoint_sha256`). A
+network without a checkpoint (random weights, for timing) is converted each time and never cached. The cache is
+``$FLARE_C2F_CACHE`` or ``~/.cache/flare_c2f`` (the sample CT's); OpenVINO's own compiled-blob cache lives in
+the same folder.
+
+Precision follows the cascade's ``amp``: with ``amp`` OpenVINO keeps its default inference precision (bf16 on
+CPUs with native bf16, like torch's bf16 autocast; f32 elsewhere); without it f32.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.io.files import remembered_sha256, usual_mode, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("torch", "openvino", "auto")
+
+
+class EngineError(InputError):
+    """An engine that cannot run here (not installed, wrong device, unknown name): a usage error, reported in one
+    line like every :class:`InputError`."""
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_engine(engine: str | None, device: torch.device | str) -> str:
+    """``torch`` or ``openvino`` for ``engine`` (``torch``, ``openvino``, ``auto``; ``None`` is ``auto``) on
+    ``device``; :class:`EngineError` with what to do when the choice cannot run."""
+    engine = "auto" if engine is None else str(engine).lower()
+    device = torch.device(device)
+    if engine not in ENGINES:
+        raise EngineError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "openvino" if device.type == "cpu" and openvino_available() else "torch"
+    if engine == "openvino":
+        if device.type != "cpu":
+            raise EngineError(f"the openvino engine runs on the CPU only, not on {device} (use engine torch)")
+        if not openvino_available():
+            raise EngineError(
+                "engine openvino asked for, but the openvino package is not installed: "
+                "pip install 'flare-c2f-extensions[openvino]' (or pip install openvino), or use engine torch"
+            )
+    return engine
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FLARE_C2F_CACHE") or Path.home() / ".cache" / "flare_c2f")
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint, remembered in the cache by the file's identity (:func:`files.remembered_sha256`), so
+    that a process start does not read every checkpoint again."""
+    path = Path(path).resolve()
+    memo = cache_root() / "openvino" / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        remembered = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        remembered = None
+    if not isinstance(remembered, dict) or remembered.get("path") != str(path):
+        remembered = None
+    hashed = remembered_sha256(path, remembered)
+    if hashed["identity"] is not None and (remembered or {}).get("identity") != hashed["identity"]:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(json.dumps({"path": str(path), **hashed}), memo)
+        except OSError as error:  # a read-only cache: hash every time
+            logger.debug("could not remember a checkpoint hash in %s (%s)", memo, error)
+    return hashed["sha256"]
+
+
+def openvino_cache_key(checkpoint: str | os.PathLike, network_config, spatial_size: Sequence[int]) -> str:
+    """The IR cache key: the checkpoint's sha256, the network config, the grid and the OpenVINO version."""
+    import openvino
+
+    parts = {
+        "checkpoint_sha256": checkpoint_sha256(checkpoint),
+        "network": network_config,
+        "spatial_size": [int(s) for s in spatial_size],
+        "openvino": openvino.__version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class TorchEngine:
+    """Logits of a PyTorch module, under bf16 (CPU) or fp16 (CUDA) autocast when ``amp``."""
+
+    name = "torch"
+
+    def __init__(self, network: torch.nn.Module, amp: bool):
+        self.network, self.amp = network, amp
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.amp:
+            return self.network(x)
+        dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
+        with torch.autocast(x.device.type, dtype=dtype):
+            return self.network(x)
+
+
+class OpenVINOEngine:
+    """Logits of a compiled OpenVINO model (CPU), as a float32 torch tensor. ``compiled``: the compiled model, or a
+    :class:`~concurrent.futures.Future` of it (compiled in the background), awaited at the first call."""
+
+    name = "openvino"
+
+    def __init__(self, compiled):
+        self._compiled = compiled
+        self._request = None
+        # one infer request runs one call at a time ("Infer Request is busy"): callers on other threads wait their
+        # turn; each call uses every inference thread anyway
+        self._lock = threading.Lock()
+
+    @property
+    def compiled(self):
+        if isinstance(self._compiled, Future):
+            self._compiled = self._compiled.result()
+        return self._compiled
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        with self._lock:
+            if self._request is None:
+                self._request = self.compiled.create_infer_request()
+            result = self._request.infer({0: array}, share_inputs=True)
+            return torch.from_numpy(next(iter(result.values())).copy())
+
+
+def _compile_config(amp: bool, blob_cache: bool) -> dict:
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
+    blobs = cache_root() / "openvino" / "compiled"
+    if blob_cache and _writable_folder(blobs):  # only for cached IRs: a random-weight model's blob would pile up
+        config["CACHE_DIR"] = str(blobs)
+    if not amp:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    return config
+
+
+def _compile(model, amp: bool, blob_cache: bool = False):
+    import openvino
+
+    return openvino.Core().compile_model(model, "CPU", _compile_config(amp, blob_cache))
+
+
+CONVERT_SIZE = 32  # traced on a small input (a paper-size pass at 160^3 takes minutes to trace), then reshaped
+
+
+def _convert(network: torch.nn.Module, spatial_size: Sequence[int]):
+    """OpenVINO model of a fully convolutional network, traced on a small cube and reshaped to the stage's grid."""
+    import openvino
+
+    grid = [int(s) for s in spatial_size]
+    example = torch.zeros((1, 1, *[min(CONVERT_SIZE, s) for s in grid]))
+    with torch.no_grad():
+        model = openvino.convert_model(network.cpu().float().eval(), example_input=example)
+    model.reshape([1, 1, *grid])
+    return model
+
+
+def cached_openvino_ir(key: str | None) -> Path | None:
+    """The cached IR for ``key`` if it exists (``None`` otherwise)."""
+    if key is None:
+        return None
+    xml = cache_root() / "openvino" / key / "model.xml"
+    return xml if xml.is_file() and xml.with_suffix(".bin").is_file() else None
+
+
+def _writable_folder(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be made, and files can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _save_ir(model, key: str) -> None:
+    """Write the IR atomically: a temporary folder renamed into place (another process may race us). A cache that
+    cannot be written (read-only, full, not a folder) leaves the model uncached, with a warning."""
+    import openvino
+
+    final, tmp = cache_root() / "openvino" / key, None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+        openvino.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        usual_mode(tmp, folder=True)
+        for file in tmp.iterdir():
+            usual_mode(file)
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as error:  # RuntimeError: OpenVINO's own failure to write
+        if not cached_openvino_ir(key):
+            logger.warning("could not cache the OpenVINO model in %s (%s): it runs uncached", final, error)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler() -> ThreadPoolExecutor:
+    """The one background thread that compiles cached models, made at its first use."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino-compile")
+
+
+def _compile_in_background(name: str, xml: Path, amp: bool) -> Future:
+    """Compile a cached IR on one background thread, in the order asked (the cascade's order): the process goes on
+    reading the first CT meanwhile, and each stage waits for its model at its first call only."""
+    config = _compile_config(amp, blob_cache=True)  # read torch's thread count here, on the caller's thread
+
+    def compile_cached():
+        import openvino
+
+        started = time.perf_counter()
+        try:
+            compiled = openvino.Core().compile_model(str(xml), "CPU", config)
+        except RuntimeError as error:
+            raise EngineError(
+                f"{xml}: the cached OpenVINO model of the {name} stage cannot be compiled ({error}); delete "
+                f"{xml.parent} and it is converted again from the checkpoint"
+            ) from error
+        logger.info("%s: OpenVINO model from the cache %s (%.1f s)", name, xml.parent, time.perf_counter() - started)
+        return compiled
+
+    return _compiler().submit(compile_cached)
+
+
+def openvino_engine(
+    name: str, amp: bool, key: str | None = None, network_factory: Callable[[], torch.nn.Module] | None = None,
+    spatial_size: Sequence[int] = (),
+) -> OpenVINOEngine:
+    """An OpenVINO engine for one stage: from the cached IR for ``key`` if there is one, otherwise converted from
+    ``network_factory()`` (and cached under ``key`` unless it is ``None``)."""
+    started = time.perf_counter()
+    xml = cached_openvino_ir(key)
+    if xml is not None:
+        return OpenVINOEngine(_compile_in_background(name, xml, amp))
+    if network_factory is None:
+        raise EngineError(f"{name}: no cached OpenVINO model and no network to convert")
+    model = _convert(network_factory(), spatial_size)
+    if key is not None:
+        _save_ir(model, key)
+    compiled = _compile(model, amp)
+    logger.info("%s: converted to OpenVINO in %.1f s", name, time.perf_counter() - started)
+    return OpenVINOEngine(compiled)
+
+
+__all__ = [
+    "ENGINES",
+    "EngineError",
+    "OpenVINOEngine",
+    "TorchEngine",
+    "cache_root",
+    "cached_openvino_ir",
+    "checkpoint_sha256",
+    "openvino_available",
+    "openvino_cache_key",
+    "openvino_engine",
+    "resolve_engine",
+]

@@ -1,0 +1,2 @@
+"""Releases: packaging, downloading and verifying published bundles, and the public sample CT.
+"""

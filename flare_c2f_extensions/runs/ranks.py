@@ -1,0 +1,147 @@
+"""Cohort-scale inference over several processes and machines: ``torchrun ... -m flare_c2f_extensions segment``.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set), each rank takes a deterministic share of the cases
+(:meth:`Ranks.shard`: sorted by output path, dealt round-robin, so every case goes to exactly one rank on every
+rerun), runs on its own device (GPU ``LOCAL_RANK``, or on CPUs its share of the machine's cores) and skips cases
+whose outputs exist (so a killed run resumes). At the end every rank hands its part of the run report to rank 0
+(:meth:`Ranks.gather`, a ``torch.distributed`` gather after which rank 0 merges): one report for the whole run.
+
+Only small Python objects cross ranks (no tensors), so the process group is gloo on CPUs and GPUs alike; its timeout
+(``FLARE_C2F_DIST_TIMEOUT_H`` hours, default 24) must outlast the slowest rank's share of the cases. Without
+``torchrun`` (``WORLD_SIZE`` unset or 1) nothing here changes anything.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Ranks", "ShardedCascadeRunner", "merge_reports"]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks: global ``rank`` of ``world_size``, ``local_rank`` of ``local_world_size``
+    on its machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """What ``torchrun`` set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); else one rank."""
+        env = os.environ
+        world = int(env.get("WORLD_SIZE", 1))
+        local = int(env.get("LOCAL_WORLD_SIZE", world))
+        return cls(int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)), local)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, items: Sequence, key: Callable = str) -> list:
+        """This rank's share of ``items``: distinct keys sorted and dealt round-robin, items with one key kept
+        together (two inputs that would write one output stay on one rank, which then refuses the second)."""
+        keys = sorted({key(item) for item in items})
+        mine = set(keys[self.rank :: self.world_size])
+        return [item for item in items if key(item) in mine]
+
+    def device(self, requested=None):
+        """The device of this rank: as ``requested`` (a bare ``cuda`` becomes ``cuda:LOCAL_RANK``), else
+        ``cuda:LOCAL_RANK`` where CUDA is available, else the CPU. One rank: ``requested`` as it is."""
+        import torch
+
+        if not self.distributed:
+            return requested
+        if requested is None:
+            return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        return f"cuda:{self.local_rank}" if str(requested) == "cuda" else requested
+
+    def threads(self, requested=None, device=None):
+        """Torch threads of this rank on a CPU device: ``requested``, else its share of the machine's cores."""
+        if requested is not None or not self.distributed or (device is not None and str(device) != "cpu"):
+            return requested
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // self.local_world_size)
+
+    def start(self) -> None:
+        """Join the process group (gloo) when there are several ranks and no group exists yet."""
+        import torch.distributed as dist
+
+        if self.distributed and not dist.is_initialized():
+            hours = float(os.environ.get("FLARE_C2F_DIST_TIMEOUT_H", 24))
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=hours))
+
+    def gather(self, part):
+        """Every rank's ``part`` as a list on rank 0 (``None`` on the others); ``[part]`` for one rank. A barrier:
+        rank 0 returns only when every rank has handed its part in."""
+        import torch.distributed as dist
+
+        if not self.distributed:
+            return [part]
+        parts = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(part, parts, dst=0)
+        return parts
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def merge_reports(parts: Sequence[dict], summarise: Callable[[list[dict]], dict]) -> dict:
+    """One run report from the ranks' reports: rank 0's environment, every case once (sorted by case), the
+    summary recomputed over all cases by ``summarise``, and per rank its device, threads and cases."""
+    cases = [case for part in parts for case in part["cases"]]
+    cases.sort(key=lambda case: (case["case"], case.get("output", "")))
+    ranks = [
+        {"rank": rank, "device": part.get("device"), "threads": part.get("threads"),
+         "cases": [case["case"] for case in part["cases"]]}
+        for rank, part in enumerate(parts)
+    ]
+    warnings = [message for part in parts for message in part.get("warnings", [])]
+    return {**parts[0], "warnings": list(dict.fromkeys(warnings)), **summarise(cases), "world_size": len(parts),
+            "ranks": ranks}
+
+
+class ShardedCascadeRunner:
+    """The cascade bundle's batch runner under ``torchrun`` (``configs/multi_gpu_inference.json``): each rank runs a
+    :class:`~flare_c2f_extensions.cascade.pipeline.CascadeRunner` on its share of ``dataset`` (report
+    ``efficiency_rank<r>.json``), then rank 0 merges the parts into ``efficiency.json`` / ``efficiency.csv`` and
+    removes them. One rank: a plain ``CascadeRunner``."""
+
+    def __init__(self, cascade, dataset: Sequence, output_dir, overwrite: bool = False, progress: bool = True):
+        self.cascade, self.dataset, self.output_dir = cascade, list(dataset), output_dir
+        self.overwrite, self.progress = overwrite, progress
+
+    def run(self) -> dict:
+        from pathlib import Path
+
+        import torch
+
+        from flare_c2f_extensions.cascade.pipeline import CascadeRunner, _summarise, _write_report
+        from flare_c2f_extensions.io.discovery import case_name
+
+        ranks = Ranks.from_env()
+        threads = ranks.threads(device=self.cascade.device)
+        if threads:
+            torch.set_num_threads(threads)
+        ranks.start()
+        shard = ranks.shard(self.dataset, key=lambda item: case_name(item["image"] if isinstance(item, dict) else item))
+        name = f"efficiency_rank{ranks.rank}" if ranks.distributed else "efficiency"
+        part = CascadeRunner(self.cascade, shard, self.output_dir, self.overwrite, self.progress and ranks.rank == 0,
+                             report_name=name).run()
+        parts = ranks.gather({**part, "threads": torch.get_num_threads()})
+        if not ranks.distributed or parts is None:
+            return part
+        merged = merge_reports(parts, lambda cases: _summarise(cases, self.cascade.device))
+        _write_report(merged, Path(self.output_dir), "efficiency")
+        for rank in range(ranks.world_size):
+            for suffix in (".json", ".csv"):
+                (Path(self.output_dir) / f"efficiency_rank{rank}{suffix}").unlink(missing_ok=True)
+        return merged
