@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flare_c2f_extensions.cascade.pipeline import Cascade, CascadeRunner
+from flare_c2f_extensions.cascade.pipeline import Cascade
 from flare_c2f_extensions.evaluation.metrics import evaluate_folder
 from flare_c2f_extensions.io.discovery import find_images
 from flare_c2f_extensions.labels import GROUPS, ORGANS
+from flare_c2f_extensions.runs.cascade_run import CascadeRunner
 from flare_c2f_extensions.synthetic.phantom import write_cohort
 from flare_c2f_extensions.training.self_train import self_train
 from flare_c2f_extensions.training.train import train_cascade

@@ -122,7 +122,9 @@ def run_phases(args, imports: tuple[float, float]):
 
         timed(openvino.Core, "compile_model", totals, "compile")  # on a background thread for cached models
     segmenter_class = timed(segmenter, "Segmenter", totals, "loading")
-    run_cases = timed(segmenter, "_run_cases", totals, "first case")
+    from flare_c2f_extensions.runs import batch
+
+    run_cases = timed(batch.BatchRunner, "run", totals, "first case")
     built = {}
     original_init = segmenter_class.__init__
 
@@ -143,11 +145,13 @@ def run_phases(args, imports: tuple[float, float]):
 
 def warm_case(loaded, run_cases, args) -> tuple[float, float, dict]:
     """Wall and CPU seconds of the case in this warm process, through the command's per-case code, and its stages."""
-    from flare_c2f_extensions.runs import segment as segmenter
+    from flare_c2f_extensions.runs.batch import BatchRunner, Case
+    from flare_c2f_extensions.runs.segment import SegmentWork
 
-    collect = segmenter._CollectWarnings(echo=False)
+    case = Case(args.case, "warm", Path(args.out) / "warm.nii.gz")
+    runner = BatchRunner(SegmentWork(loaded, {}), [case], loaded.cascade.device, overwrite=True, progress=None)
     cpu, started = time.process_time(), time.perf_counter()
-    cases = run_cases(loaded, [(args.case, Path(args.out) / "warm.nii.gz")], True, False, collect, {})
+    cases = run_cases(runner)["cases"]
     return time.perf_counter() - started, time.process_time() - cpu, cases[0].get("stage_seconds")
 
 
@@ -185,7 +189,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     import flare_c2f_extensions.__main__  # noqa: F401  (what the command imports first)
-    from flare_c2f_extensions import segmenter  # noqa: F401
+    from flare_c2f_extensions.runs import segment  # noqa: F401
 
     imports = time.perf_counter() - STARTED, time.process_time()
     print(f"imports {imports[0]:.2f} s wall, {imports[1]:.2f} s CPU")

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from flare_c2f_extensions.cascade.pipeline import Cascade, CascadeRunner
+from flare_c2f_extensions.cascade.pipeline import Cascade
 from flare_c2f_extensions.cli.quickstart import bundle_workflow  # noqa: F401  (the tests run bundles the quickstart's way)
 from flare_c2f_extensions.io.discovery import find_images
 from flare_c2f_extensions.paths import STAGE_BUNDLES
+from flare_c2f_extensions.runs.cascade_run import CascadeRunner
 from flare_c2f_extensions.synthetic.phantom import make_case
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,11 +11,12 @@ import pytest
 import torch
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from flare_c2f_extensions.cascade.pipeline import Cascade, CascadeRunner
+from flare_c2f_extensions.cascade.pipeline import Cascade
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.io.discovery import find_images
 from flare_c2f_extensions.io.images import read_ct
 from flare_c2f_extensions.labels import NUM_CLASSES
+from flare_c2f_extensions.runs.cascade_run import CascadeRunner
 from flare_c2f_extensions.transforms.crop import ResizeToGridd
 
 from helpers import BUNDLES, TINY_CHANNELS, TINY_STAGES, bundle_workflow

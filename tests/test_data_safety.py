@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-import flare_c2f_extensions.cascade.pipeline as cascade_module
-from flare_c2f_extensions.cascade.pipeline import CascadeRunner
+import flare_c2f_extensions.runs.cascade_run as cascade_run
 from flare_c2f_extensions.cascade.stages import load_stage
 from flare_c2f_extensions.errors import FAILED_CASES_EXIT_STATUS, InputError
 from flare_c2f_extensions.io.discovery import find_images
 from flare_c2f_extensions.io.images import image_geometry, read_ct
 from flare_c2f_extensions.io.label_maps import qform_holds, save_label_map
+from flare_c2f_extensions.runs.cascade_run import CascadeRunner
 from flare_c2f_extensions.synthetic.phantom import make_case
 
 from helpers import (  # noqa: F401
@@ -365,7 +365,7 @@ def test_small_items(cascade, good, tmp_path, monkeypatch):
     def full_disk(text, path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cascade_module, "write_text_atomic", full_disk)
+    monkeypatch.setattr(cascade_run, "write_text_atomic", full_disk)
     with pytest.raises(InputError, match="the report cannot be written \\(No space left on device\\)"):
         CascadeRunner(cascade, [str(good[0])], tmp_path / "full", progress=False).run()
 

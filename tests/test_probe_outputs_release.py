@@ -56,6 +56,8 @@ class SlabTeacher:
     """A stand-in teacher: reads the CT as the cascade does (its input warnings are logged), then gives every organ
     a slab along the first array axis at full confidence, nothing dropped. Records the cases it segmented."""
 
+    device = "cpu"
+
     def __init__(self):
         self.segmented = []
 

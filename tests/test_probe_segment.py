@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_c2f_extensions.__main__ import main
+from flare_c2f_extensions.cli.commands import main
 from flare_c2f_extensions.io.files import PROVENANCE_KEY
 
 from helpers import TINY_STAGES, write_dicom_series, write_phantom
@@ -300,7 +300,7 @@ INTERRUPTED_RUN = """
 import sys, time
 from pathlib import Path
 import flare_c2f_extensions.io.outputs as outputs
-from flare_c2f_extensions.__main__ import console
+from flare_c2f_extensions.cli.commands import console
 
 def stall(labels, image_path, staging, *args):
     (staging / "half_written").write_text("")
@@ -380,7 +380,7 @@ def test_values_of_options_are_checked_before_any_file_is_written(phantom, cohor
 def test_segment_takes_trains_override_syntax(phantom, tmp_path):
     """One override syntax (issue 19): ``--override "stage#key=value"`` (and ``all``/``refiner`` scopes, files) as
     ``train`` takes it; the same labels as the mapping form of ``--stage_overrides``."""
-    from flare_c2f_extensions.cli.arguments import cascade_overrides
+    from flare_c2f_extensions.options import cascade_overrides
 
     channels, grid = TINY_STAGES["coarse"]["network_def"]["channels"], TINY_STAGES["coarse"]["spatial_size"]
     keyed = [f"network_def#channels={json.dumps(channels)}", f"spatial_size={json.dumps(grid)}"]

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_c2f_extensions.__main__ import COMMANDS
+from flare_c2f_extensions.cli.commands import COMMANDS
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.training.train import prepare_cache, train_cascade
 

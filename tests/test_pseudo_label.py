@@ -21,15 +21,15 @@ import pytest
 import torch
 
 from flare_c2f_extensions.cascade.pipeline import Cascade
-from flare_c2f_extensions.labels import NUM_CLASSES, ORGAN_IDS, ORGANS
-from flare_c2f_extensions.runs.pseudo_label import (
+from flare_c2f_extensions.evaluation.quality import (
     QualityRule,
     case_signals,
     decide,
     organ_volumes_ml,
-    pseudo_label,
     volume_reference,
 )
+from flare_c2f_extensions.labels import NUM_CLASSES, ORGAN_IDS, ORGANS
+from flare_c2f_extensions.runs.pseudo_label import pseudo_label
 from flare_c2f_extensions.synthetic.phantom import make_case
 
 from helpers import BUNDLES, REPO
@@ -247,7 +247,8 @@ def test_torchrun_two_processes_label_each_case_once_and_match_one_process(unlab
     assert two.returncode == 0, two.stderr[-3000:] + "".join(p.read_text()[-2000:] for p in logs.rglob("stderr.log"))
     reports = {run: json.loads((tmp_path / run / "quality.json").read_text()) for run in ("one", "two")}
     assert [case["case"] for case in reports["two"]["cases"]] == ["no_spleen", "noise", "normal"]
-    assert sorted(case["rank"] for case in reports["two"]["cases"]) == [0, 0, 1]  # round-robin by case name
+    ranks = reports["two"]["ranks"]  # round-robin by output path, so by case name here
+    assert [entry["cases"] for entry in ranks] == [["no_spleen", "normal"], ["noise"]]
     for mine, theirs in zip(reports["one"]["cases"], reports["two"]["cases"]):
         assert mine["signals"] == theirs["signals"] and mine["keep"] == theirs["keep"]
         np.testing.assert_array_equal(

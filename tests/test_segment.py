@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import flare_c2f_extensions
-from flare_c2f_extensions.__main__ import main
+from flare_c2f_extensions.cli.commands import main
 from flare_c2f_extensions.io.images import image_geometry
 from flare_c2f_extensions.labels import ORGAN_IDS, ORGANS, SNOMED_ANATOMICAL_STRUCTURE, SNOMED_CT, label_names
 from flare_c2f_extensions.runs.segment import Segmenter

@@ -8,7 +8,7 @@ import json
 import fire
 import pytest
 
-from flare_c2f_extensions.__main__ import COMMANDS
+from flare_c2f_extensions.cli.commands import COMMANDS
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.io.discovery import labelled_cases, split_cases, training_cases
 from flare_c2f_extensions.paths import STAGE_BUNDLES

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flare_c2f_extensions.runs.ranks import Ranks, merge_reports
+from flare_c2f_extensions.runs.ranks import Ranks
 
 from helpers import BUNDLES, REPO, TINY_STAGES
 
@@ -51,22 +51,6 @@ def test_device_and_threads_per_rank(monkeypatch):
     single = Ranks()
     assert not single.distributed and single.device(None) is None and single.threads() is None
     assert single.gather({"x": 1}) == [{"x": 1}]
-
-
-def test_merged_report_has_every_case_once_and_the_ranks():
-    parts = [
-        {"device": "cpu", "threads": 1, "warnings": ["w"], "cases": [{"case": "b", "status": "done", "seconds": 2.0}]},
-        {"device": "cpu", "threads": 1, "warnings": ["w", "v"],
-         "cases": [{"case": "a", "status": "exists"}, {"case": "c", "status": "done", "seconds": 4.0}]},
-    ]
-
-    def summarise(cases):
-        return {"cases": cases, "num_done": sum(c["status"] == "done" for c in cases)}
-
-    merged = merge_reports(parts, summarise)
-    assert [c["case"] for c in merged["cases"]] == ["a", "b", "c"] and merged["num_done"] == 2
-    assert merged["world_size"] == 2 and [r["cases"] for r in merged["ranks"]] == [["b"], ["a", "c"]]
-    assert merged["warnings"] == ["w", "v"]
 
 
 def _torchrun(args, logs, timeout=400):

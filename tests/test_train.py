@@ -13,12 +13,13 @@ import nibabel as nib
 import pytest
 import torch
 
-from flare_c2f_extensions.__main__ import COMMANDS
-from flare_c2f_extensions.cascade.pipeline import Cascade, CascadeRunner
-from flare_c2f_extensions.cli.arguments import parse_overrides
+from flare_c2f_extensions.cascade.pipeline import Cascade
+from flare_c2f_extensions.cli.commands import COMMANDS
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.evaluation.metrics import evaluate_folder, format_summary
 from flare_c2f_extensions.io.discovery import find_images
+from flare_c2f_extensions.options import parse_overrides
+from flare_c2f_extensions.runs.cascade_run import CascadeRunner
 from flare_c2f_extensions.training.checkpoints import latest_state
 from flare_c2f_extensions.training.train import STAGES, done_marker, select_stages, train_cascade
 

@@ -20,13 +20,9 @@ cascade and the stage bundles cannot drift apart: the same ``CropFromMask`` comp
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +33,6 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from tqdm.auto import tqdm
 
 from flare_c2f_extensions.cascade.engines import resolve_engine
 from flare_c2f_extensions.cascade.stages import (
@@ -49,31 +44,19 @@ from flare_c2f_extensions.cascade.stages import (
     needed_stages,
     stage_geometry,
 )
-from flare_c2f_extensions.cli.arguments import as_bool
-from flare_c2f_extensions.errors import FAILED_CASES_EXIT_STATUS, InputError, InputWarnings
-from flare_c2f_extensions.io.discovery import case_name
-from flare_c2f_extensions.io.files import (
-    finished,
-    output_provenance_of,
-    outputs_apart_from_inputs,
-    prepare_output_dir,
-    refuse_foreign_outputs,
-    write_text_atomic,
-)
+from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.io.images import image_geometry, read_ct
-from flare_c2f_extensions.io.label_maps import save_label_map
 from flare_c2f_extensions.labels import ORGANS
+from flare_c2f_extensions.options import as_bool
 from flare_c2f_extensions.paths import STAGE_BUNDLES
 from flare_c2f_extensions.paths import bundles_dir as default_bundles_dir
-from flare_c2f_extensions.runs.resources import ResourceMonitor
 from flare_c2f_extensions.transforms.boxes import affine_of as _affine_of
 from flare_c2f_extensions.transforms.boxes import box_affine, box_size, box_slices, fov_affine
 from flare_c2f_extensions.transforms.postprocessing import dropped_components, keep_largest_component
 from flare_c2f_extensions.transforms.resizing import crop_resize, resize_rows, resize_spatial
 
 __all__ = [
-    "MAX_CASE_VOXELS", "Cascade", "CascadeInferer", "CascadeRunner", "CaseResult",
-    "check_voxel_count", "segment_to_file",
+    "MAX_CASE_VOXELS", "Cascade", "CascadeInferer", "CaseResult", "check_voxel_count",
 ]
 
 logger = logging.getLogger(__name__)
@@ -444,162 +427,3 @@ def _fov_affine_of(image: MetaTensor, grid: Sequence[int]) -> np.ndarray:
 
 def _guide(mask: torch.Tensor, affine: np.ndarray) -> MetaTensor:
     return MetaTensor(mask, affine=torch.as_tensor(affine, dtype=torch.float64))
-
-
-def segment_to_file(cascade: Cascade, image_path: str | os.PathLike, output_dir: str | os.PathLike) -> CaseResult:
-    """Segment one CT and write ``output_dir/<case>.nii.gz`` atomically."""
-    result = cascade.segment(image_path)
-    save_label_map(result.labels, image_path, output_dir)
-    return result
-
-
-
-
-class CascadeRunner:
-    """Segment a batch of CTs with one :class:`Cascade`: progress bar, one bad case never stops the others,
-    atomic outputs, finished cases skipped on a rerun unless ``overwrite``, and an efficiency report.
-
-    ``dataset``: ``[{"image": path}, ...]`` (``data.find_images``; an item's ``"case"`` names its output where given)
-    or paths; an image is a NIfTI file or a DICOM series folder. Writes ``output_dir/<case>.nii.gz`` and
-    ``output_dir/efficiency.json`` / ``efficiency.csv`` (per case: status, seconds by stage, peak RSS, GPU peak and
-    memory-time area, CPU-time area; in the JSON also the input warnings, e.g. NaN voxels replaced, and the
-    entries of the input folder that were ignored, with why). ``run()`` returns the report.
-
-    ``run()`` first refuses, with one :class:`~flare_c2f_extensions.errors.InputError` before any case runs, an output
-    folder that cannot be created and written or whose outputs would overwrite an input or be taken for inputs on
-    the next run (the input's own folder). Two inputs that would write the same output file (``a.nii`` and
-    ``a.nii.gz``, or ``a_0000.nii.gz`` and a DICOM folder ``a``): the later one fails, the earlier one is written.
-    Every label map records its input's content hash and the cascade's :meth:`Cascade.labels_options`; a file at a
-    case's output path counts as finished only when both still hold (else it is segmented again, and ``"redone"``
-    says why), and one this tool did not write (another CT, an edited map) stops the run before any case unless
-    ``overwrite`` (:func:`files.refuse_foreign_outputs`), as ``flare-c2f segment`` does.
-
-    ``exit_on_failure``: after writing the report, end the process with exit status
-    :data:`FAILED_CASES_EXIT_STATUS` when any case failed, listing the failed cases on stderr (the bundle's
-    command sets it; 0 only when every case is done or was already finished).
-    """
-
-    def __init__(
-        self,
-        cascade: Cascade,
-        dataset: Sequence,
-        output_dir: str | os.PathLike,
-        overwrite: bool = False,
-        progress: bool = True,
-        report_name: str = "efficiency",
-        exit_on_failure: bool = False,
-    ):
-        self.cascade = cascade
-        items = [item if isinstance(item, Mapping) else {"image": item} for item in dataset]
-        self.images = [item["image"] for item in items]
-        self.names = [item.get("case") or case_name(item["image"]) for item in items]
-        self.ignored = list(getattr(dataset, "ignored", []))
-        self.output_dir = Path(output_dir)
-        self.overwrite = as_bool(overwrite, "overwrite")  # a config override may give "false", a truthy string
-        self.progress = as_bool(progress, "progress")
-        self.report_name = report_name
-        self.exit_on_failure = as_bool(exit_on_failure, "exit_on_failure")
-
-    def run(self) -> dict:
-        outputs_apart_from_inputs(list(zip(self.images, self.names)), self.output_dir)
-        targets = [(image, self.output_dir / f"{name}.nii.gz") for image, name in zip(self.images, self.names)]
-        refuse_foreign_outputs(targets, self.overwrite)
-        prepare_output_dir(self.output_dir)
-        labels_options = self.cascade.labels_options()
-        cases = []
-        claimed: dict[str, str] = {}
-        bar = tqdm(list(zip(self.images, self.names)), desc="cascade", unit="case", disable=not self.progress)
-        for image, name in bar:
-            bar.set_postfix_str(name)
-            if name in claimed:
-                message = f"{image}: its output {name}.nii.gz is already that of {claimed[name]} in this batch"
-                logger.error("failed: %s", message)
-                cases.append({"case": name, "status": "failed", "error": message})
-                continue
-            claimed[name] = str(image)
-            try:
-                provenance = output_provenance_of(image, labels_options)
-                redone = "" if self.overwrite else finished(self.output_dir / f"{name}.nii.gz", provenance)
-            except (OSError, InputError) as error:  # an unreadable input fails as a case, with its own message
-                provenance, redone = None, ""
-                logger.debug("%s: no provenance (%s)", image, error)
-            if redone is None:
-                cases.append({"case": name, "status": "exists"})
-                continue
-            if redone:
-                logger.warning("%s: exists but %s: segmenting the case again", self.output_dir / f"{name}.nii.gz",
-                               redone)
-            case = self._segment(image, name, provenance)
-            cases.append({"case": name, **case, **({"redone": redone} if redone else {})})
-        report = _summarise(cases, self.cascade.device, self.ignored)
-        try:
-            _write_report(report, self.output_dir, self.report_name)
-        except OSError as error:
-            where = self.output_dir / f"{self.report_name}.json"
-            raise InputError(f"{where}: the report cannot be written ({error.strerror or error})") from None
-        self._end(report)
-        return report
-
-    def _segment(self, image, name: str, provenance: dict | None) -> dict:
-        try:
-            with InputWarnings() as warned, ResourceMonitor(self.cascade.device) as monitor:
-                result = self.cascade.segment(image)
-                save_label_map(result.labels, image, self.output_dir, name=name, provenance=provenance)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as error:  # one bad case must not stop the batch
-            message = str(error) if isinstance(error, InputError) else f"{image}: {type(error).__name__}: {error}"
-            logger.error("failed: %s", message)
-            return {"status": "failed", "error": message, **warned.as_dict()}
-        return {
-            "status": "done",
-            **monitor.usage.as_dict(),
-            "stage_seconds": {k: round(v, 3) for k, v in result.seconds.items()},
-            "skipped_stages": result.skipped,
-            **warned.as_dict(),
-        }
-
-    def _end(self, report: dict) -> None:
-        failed = [case for case in report["cases"] if case["status"] == "failed"]
-        if not failed:
-            return
-        cases = report["cases"]
-        logger.error("%d of %d case(s) failed: %s", len(failed), len(cases), ", ".join(c["case"] for c in failed))
-        if self.exit_on_failure:
-            for case in failed:
-                print(f"failed: {case['case']}: {case['error']}", file=sys.stderr)
-            report_path = self.output_dir / f"{self.report_name}.json"
-            print(
-                f"error: {len(failed)} of {len(cases)} case(s) failed (listed above and in {report_path}); "
-                f"exit status {FAILED_CASES_EXIT_STATUS}",
-                file=sys.stderr,
-            )
-            raise SystemExit(FAILED_CASES_EXIT_STATUS)
-
-
-def _summarise(cases: list[dict], device: torch.device, ignored: Sequence[dict] = ()) -> dict:
-    done = [case for case in cases if case["status"] == "done"]
-    summary = {"device": str(device), "cases": cases, "num_done": len(done)}
-    summary["num_failed"] = sum(case["status"] == "failed" for case in cases)
-    summary["num_existing"] = sum(case["status"] == "exists" for case in cases)
-    summary["num_redone"] = sum("redone" in case for case in cases)
-    summary["ignored_inputs"] = list(ignored)
-    if done:
-        for key in ("seconds", "peak_rss_mb", "peak_gpu_mb", "gpu_mb_seconds", "cpu_percent_seconds"):
-            summary[f"mean_{key}"] = round(float(np.mean([case[key] for case in done])), 2)
-        summary["max_peak_rss_mb"] = max(case["peak_rss_mb"] for case in done)
-    return summary
-
-
-def _write_report(report: dict, output_dir: Path, name: str) -> None:
-    stages = sorted({stage for case in report["cases"] for stage in case.get("stage_seconds", {})})
-    columns = ["case", "status", "seconds", "peak_rss_mb", "peak_gpu_mb", "gpu_mb_seconds", "cpu_percent_seconds"]
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(columns + [f"{stage}_seconds" for stage in stages] + ["error"])
-    for case in report["cases"]:
-        times = case.get("stage_seconds", {})
-        row = [case.get(c, "") for c in columns] + [times.get(s, "") for s in stages] + [case.get("error", "")]
-        writer.writerow(row)
-    write_text_atomic(table.getvalue(), output_dir / f"{name}.csv")
-    write_text_atomic(json.dumps(report, indent=4) + "\n", output_dir / f"{name}.json")

@@ -200,8 +200,8 @@ def segment(
     An existing label map is kept if this command wrote it for the same input and options, redone if its input or
     options changed, and never replaced otherwise unless ``--overwrite``.
     """
-    from flare_c2f_extensions.cli.arguments import as_bool
     from flare_c2f_extensions.errors import InputError
+    from flare_c2f_extensions.options import as_bool
     from flare_c2f_extensions.runs.segment import run_segment
 
     try:
@@ -217,7 +217,7 @@ def segment(
         )
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
-    failed = [case for case in report["cases"] if case["status"] == "failed"]
+    failed = [case for case in report.get("cases", []) if case["status"] == "failed"]  # other ranks: none
     if failed:  # the report is written; exit status 3 as the cascade bundle's (README, "Inputs")
         import sys
 
@@ -255,32 +255,27 @@ def pseudo_label(
     (plumbing only). Under ``torchrun`` the cases are shared between the ranks, each on its own device.
     Exit status 3 when a case failed (listed at the end; the report is written first).
     """
-    import torch
+    import dataclasses
 
-    from flare_c2f_extensions.cli.arguments import as_bool, cascade_overrides
     from flare_c2f_extensions.errors import InputError
-    from flare_c2f_extensions.labels import ORGANS
+    from flare_c2f_extensions.options import SegmentOptions, as_bool
     from flare_c2f_extensions.runs.pseudo_label import pseudo_label as run
     from flare_c2f_extensions.runs.ranks import Ranks
     from flare_c2f_extensions.runs.segment import load_cascade
 
+    ranks = Ranks.from_env()
     try:
         if bundles_dir is None or input is None or output is None:
             raise InputError("pseudo_label needs a teacher, an input and an output: --bundles_dir DIR -i IN -o OUT")
-        ranks = Ranks.from_env()
-        device = ranks.device(device)
-        threads = ranks.threads(device=device)
-        if threads:
-            torch.set_num_threads(threads)
-        teacher, _ = load_cascade(tuple(ORGANS), device, None, bundles_dir, None,
-                                  cascade_overrides(stage_overrides, override),
-                                  as_bool(require_weights, "require_weights"), seed)
+        options = SegmentOptions.parse(device=device, bundles_dir=bundles_dir, stage_overrides=stage_overrides,
+                                       override=override, require_weights=require_weights, seed=seed)
+        teacher, _ = load_cascade(dataclasses.replace(options, device=ranks.device(options.device)))
         report = run(teacher, input, output, reference=reference, rule=rule, overwrite=as_bool(overwrite, "overwrite"))
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
     finally:
-        Ranks.from_env().stop()
-    if "num_kept" not in report:
+        ranks.stop()
+    if report is None:
         return  # not rank 0: rank 0 reports
     print(f"{report['num_kept']} of {report['num_cases']} case(s) kept ({report['num_failed']} failed): {output}")
     if report["num_failed"]:  # the report is written; exit status 3 as segment's and evaluate's

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Ranks", "ShardedCascadeRunner", "merge_reports"]
+__all__ = ["Ranks"]
 
 
 @dataclass(frozen=True)
@@ -92,56 +92,3 @@ class Ranks:
 
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def merge_reports(parts: Sequence[dict], summarise: Callable[[list[dict]], dict]) -> dict:
-    """One run report from the ranks' reports: rank 0's environment, every case once (sorted by case), the
-    summary recomputed over all cases by ``summarise``, and per rank its device, threads and cases."""
-    cases = [case for part in parts for case in part["cases"]]
-    cases.sort(key=lambda case: (case["case"], case.get("output", "")))
-    ranks = [
-        {"rank": rank, "device": part.get("device"), "threads": part.get("threads"),
-         "cases": [case["case"] for case in part["cases"]]}
-        for rank, part in enumerate(parts)
-    ]
-    warnings = [message for part in parts for message in part.get("warnings", [])]
-    return {**parts[0], "warnings": list(dict.fromkeys(warnings)), **summarise(cases), "world_size": len(parts),
-            "ranks": ranks}
-
-
-class ShardedCascadeRunner:
-    """The cascade bundle's batch runner under ``torchrun`` (``configs/multi_gpu_inference.json``): each rank runs a
-    :class:`~flare_c2f_extensions.cascade.pipeline.CascadeRunner` on its share of ``dataset`` (report
-    ``efficiency_rank<r>.json``), then rank 0 merges the parts into ``efficiency.json`` / ``efficiency.csv`` and
-    removes them. One rank: a plain ``CascadeRunner``."""
-
-    def __init__(self, cascade, dataset: Sequence, output_dir, overwrite: bool = False, progress: bool = True):
-        self.cascade, self.dataset, self.output_dir = cascade, list(dataset), output_dir
-        self.overwrite, self.progress = overwrite, progress
-
-    def run(self) -> dict:
-        from pathlib import Path
-
-        import torch
-
-        from flare_c2f_extensions.cascade.pipeline import CascadeRunner, _summarise, _write_report
-        from flare_c2f_extensions.io.discovery import case_name
-
-        ranks = Ranks.from_env()
-        threads = ranks.threads(device=self.cascade.device)
-        if threads:
-            torch.set_num_threads(threads)
-        ranks.start()
-        shard = ranks.shard(self.dataset, key=lambda item: case_name(item["image"] if isinstance(item, dict) else item))
-        name = f"efficiency_rank{ranks.rank}" if ranks.distributed else "efficiency"
-        part = CascadeRunner(self.cascade, shard, self.output_dir, self.overwrite, self.progress and ranks.rank == 0,
-                             report_name=name).run()
-        parts = ranks.gather({**part, "threads": torch.get_num_threads()})
-        if not ranks.distributed or parts is None:
-            return part
-        merged = merge_reports(parts, lambda cases: _summarise(cases, self.cascade.device))
-        _write_report(merged, Path(self.output_dir), "efficiency")
-        for rank in range(ranks.world_size):
-            for suffix in (".json", ".csv"):
-                (Path(self.output_dir) / f"efficiency_rank{rank}{suffix}").unlink(missing_ok=True)
-        return merged

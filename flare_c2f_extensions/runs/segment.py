@@ -13,6 +13,7 @@ Missing weights end with one line that says what to do, before anything is loade
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,21 +25,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from flare_c2f_extensions.cli.arguments import (
-    as_bool,
-    as_mapping,
-    cascade_overrides,
-    parse_device,
-    parse_max_voxels,
-    parse_organs,
-    parse_seed,
-    parse_threads,
-)
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.io.label_maps import label_map_image
 from flare_c2f_extensions.labels import ORGANS
+from flare_c2f_extensions.options import SegmentOptions
 from flare_c2f_extensions.paths import STAGE_BUNDLES
 from flare_c2f_extensions.paths import bundles_dir as default_bundles_dir
+from flare_c2f_extensions.runs.ranks import Ranks
 
 __all__ = [
     "Segmenter", "load_cascade", "plan_targets", "resolve_inputs", "run_segment", "segment", "stage_parsers",
@@ -56,24 +49,22 @@ RANDOM_WEIGHTS_HINT = "--require_weights false"
 # -- stages -------------------------------------------------------------------------------------------------------
 
 
-def stage_sources(
-    bundles_dir=None, stage_dirs: Mapping | None = None, stage_overrides: Mapping | None = None
-) -> tuple[dict[str, Path], dict[str, dict]]:
+def stage_sources(options: SegmentOptions) -> tuple[dict[str, Path], dict[str, dict]]:
     """Config folder and overrides of every stage.
 
     A stage folder with ``configs/inference.json`` is a whole bundle; one without is a weights folder: the configs
     come from the default bundles folder and ``ckpt_dir`` points at its ``models/``.
     """
     defaults = default_bundles_dir()
-    root = Path(bundles_dir) if bundles_dir is not None else defaults
-    if bundles_dir is not None and not root.is_dir():
+    root = options.bundles_dir if options.bundles_dir is not None else defaults
+    if options.bundles_dir is not None and not root.is_dir():
         raise InputError(f"{root}: --bundles_dir folder does not exist")
     folders = {name: root / bundle for name, bundle in STAGE_BUNDLES.items()}
-    unknown = sorted(set(stage_dirs or {}) - set(STAGE_BUNDLES))
+    unknown = sorted(set(options.stage_dirs) - set(STAGE_BUNDLES))
     if unknown:
         raise InputError(f"--stage_dirs: unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGE_BUNDLES)}")
-    folders.update({name: Path(path) for name, path in (stage_dirs or {}).items()})
-    dirs, overrides = {}, {name: dict(value) for name, value in (stage_overrides or {}).items()}
+    folders.update({name: Path(path) for name, path in options.stage_dirs.items()})
+    dirs, overrides = {}, {name: dict(value) for name, value in options.overrides.items()}
     for name, folder in folders.items():
         if (folder / "configs" / "inference.json").is_file():
             dirs[name] = folder
@@ -83,15 +74,16 @@ def stage_sources(
     return dirs, overrides
 
 
-def stage_parsers(dirs: Mapping[str, Path], overrides: Mapping[str, dict], organs: Sequence[int]) -> dict:
-    """Each stage ``organs`` need, its ``configs/inference.json`` parsed once: ``{(stage, refiner organ or None):
-    parser}``, for the weights check and then the loading (:meth:`Cascade.from_bundles`' ``parsers``)."""
+def stage_parsers(options: SegmentOptions) -> dict:
+    """Each stage the chosen organs need, its ``configs/inference.json`` parsed once: ``{(stage, refiner organ or
+    None): parser}``, for the weights check and then the loading (:meth:`Cascade.from_bundles`' ``parsers``)."""
     from flare_c2f_extensions.cascade.configs import read_stage_config
     from flare_c2f_extensions.cascade.stages import needed_stages
 
+    dirs, overrides = stage_sources(options)
     return {
         (name, extra.get("organ")): read_stage_config(dirs[name], {**overrides.get(name, {}), **extra}, name)
-        for name, extra in needed_stages(organs)
+        for name, extra in needed_stages(options.organs)
     }
 
 
@@ -105,65 +97,52 @@ def missing_weights(parsers: Mapping) -> list[str]:
     return missing
 
 
-def weights_error(missing: Sequence[str]) -> InputError:
-    more = f" (and {len(missing) - 1} more stage(s))" if len(missing) > 1 else ""
-    return InputError(
-        f"no trained weights for stage {missing[0]}{more}: train the stages (`flare-c2f train`, or each bundle's "
-        f"configs/train.json), download a release (`flare-c2f download_release`) and point --bundles_dir (or "
-        f"--stage_dirs) at it, or add {RANDOM_WEIGHTS_HINT} to time the cascade with random weights"
-    )
+def check_weights(options: SegmentOptions) -> dict:
+    """The stages' parsed configs (:func:`stage_parsers`), after failing with one line if a needed stage has no
+    weights and they are required; the segmenter then loads them without parsing again."""
+    parsers = stage_parsers(options)
+    missing = missing_weights(parsers)
+    if missing and options.require_weights:
+        more = f" (and {len(missing) - 1} more stage(s))" if len(missing) > 1 else ""
+        raise InputError(
+            f"no trained weights for stage {missing[0]}{more}: train the stages (`flare-c2f train`, or each bundle's "
+            f"configs/train.json), download a release (`flare-c2f download_release`) and point --bundles_dir (or "
+            f"--stage_dirs) at it, or add {RANDOM_WEIGHTS_HINT} to time the cascade with random weights"
+        )
+    return parsers
 
 
-class _QuietRandomInit(logging.Filter):
-    """Drop the per-stage 'using random initialisation' warnings: :func:`load_segmenter` says it once."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "random initialisation" not in record.getMessage()
-
-
-def load_cascade(
-    organs: Sequence[int],
-    device=None,
-    amp=None,
-    bundles_dir=None,
-    stage_dirs=None,
-    stage_overrides=None,
-    require_weights: bool = True,
-    seed: int = 0,
-    engine: str | None = "auto",
-    max_voxels="default",
-    parsers: Mapping | None = None,
-):
-    """The cascade with the stages ``organs`` need, and the stages that run with random weights (no checkpoint,
-    ``require_weights=False``: for timing). ``seed`` seeds their initialisation, so such runs repeat exactly.
-    ``engine`` and ``max_voxels`` as in :meth:`Cascade.from_bundles` (``"default"``: its limit); ``parsers``: the
-    stages' configs already parsed for these options (:func:`stage_parsers`)."""
+def load_cascade(options: SegmentOptions, parsers: Mapping | None = None):
+    """The cascade with the stages ``options.organs`` need, and the stages that run with random weights (no
+    checkpoint, ``require_weights=False``: for timing), seeded by ``options.seed`` so such runs repeat exactly.
+    ``parsers``: the stages' configs already parsed for these options (:func:`check_weights`)."""
     import torch
 
     from flare_c2f_extensions.cascade.pipeline import MAX_CASE_VOXELS, Cascade
 
-    max_voxels = parse_max_voxels(max_voxels)
-    limit = MAX_CASE_VOXELS if max_voxels == "default" else max_voxels
-    dirs, overrides = stage_sources(bundles_dir, stage_dirs, stage_overrides)
-    parsers = stage_parsers(dirs, overrides, organs) if parsers is None else parsers
+    parsers = check_weights(options) if parsers is None else parsers
     missing = missing_weights(parsers)
-    if missing and require_weights:
-        raise weights_error(missing)
     if missing:
         logger.warning("no weights for %d stage(s): they run with random weights (timing only)", len(missing))
-    device = parse_device(device)
-    stages_logger = logging.getLogger("flare_c2f_extensions.cascade.stages")  # where load_stage says it
+    dirs, overrides = stage_sources(options)
+    stages_logger = logging.getLogger("flare_c2f_extensions.cascade.stages")  # each stage would say it again
     quiet = _QuietRandomInit()
     stages_logger.addFilter(quiet)
     try:
-        torch.manual_seed(int(seed))
+        torch.manual_seed(options.seed)
         cascade = Cascade.from_bundles(
-            device=device, amp=amp, stage_overrides=overrides, stage_dirs=dirs, require_weights=require_weights,
-            organs=organs, engine=engine, max_voxels=limit, parsers=parsers,
+            device=options.device, amp=options.amp, stage_overrides=overrides, stage_dirs=dirs,
+            require_weights=options.require_weights, organs=options.organs, engine=options.engine,
+            max_voxels=MAX_CASE_VOXELS if options.max_voxels == "default" else options.max_voxels, parsers=parsers,
         )
     finally:
         stages_logger.removeFilter(quiet)
     return cascade, missing
+
+
+class _QuietRandomInit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "random initialisation" not in record.getMessage()
 
 
 # -- the API ------------------------------------------------------------------------------------------------------
@@ -172,39 +151,21 @@ def load_cascade(
 class Segmenter:
     """The cascade loaded once, for many images: ``Segmenter(organs="liver,spleen")(image)``.
 
-    Options as :func:`segment`. ``threads`` sets torch's intra-op threads (process-wide).
+    ``options``: a :class:`~flare_c2f_extensions.options.SegmentOptions`, or its fields as keywords (as
+    :meth:`SegmentOptions.parse <flare_c2f_extensions.options.SegmentOptions.parse>` takes them). ``threads`` sets
+    torch's intra-op threads (process-wide). ``parsers``: the stages' configs already parsed (:func:`check_weights`).
     """
 
-    def __init__(
-        self,
-        organs=None,
-        device=None,
-        amp=None,
-        threads: int | None = None,
-        bundles_dir=None,
-        stage_dirs=None,
-        stage_overrides=None,
-        require_weights: bool = True,
-        seed: int = 0,
-        engine: str | None = "auto",
-        max_voxels="default",
-        override=None,
-        stage_parsers=None,
-    ):
+    def __init__(self, options: SegmentOptions | None = None, parsers: Mapping | None = None, **kwargs):
         import torch
 
-        threads = parse_threads(threads)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.organs = parse_organs(organs)
-        amp = None if amp is None else as_bool(amp, "amp")
-        stage_dirs = as_mapping(stage_dirs, "stage_dirs")
-        stage_overrides = cascade_overrides(stage_overrides, override)
-        self.seed = parse_seed(seed)
-        self.cascade, self.random_weight_stages = load_cascade(
-            self.organs, device, amp, bundles_dir, stage_dirs, stage_overrides,
-            as_bool(require_weights, "require_weights"), self.seed, engine, max_voxels, stage_parsers,
-        )
+        if options is not None and kwargs:
+            raise TypeError("Segmenter: give options or keywords, not both")
+        self.options = options if options is not None else SegmentOptions.parse(**kwargs)
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)
+        self.organs, self.seed = self.options.organs, self.options.seed
+        self.cascade, self.random_weight_stages = load_cascade(self.options, parsers)
 
     def labels_options(self) -> dict:
         """What decides this segmenter's label maps (:meth:`Cascade.labels_options`, with the organs asked for and
@@ -237,8 +198,8 @@ class Segmenter:
             result = label_map_image(labels, path)
             if not statistics:
                 return result
+            from flare_c2f_extensions.evaluation.quality import organ_quality
             from flare_c2f_extensions.io.outputs import organ_statistics, read_hu
-            from flare_c2f_extensions.runs.pseudo_label import organ_quality
 
             hu, affine = read_hu(path)
             quality = organ_quality(labels, case, affine, self.organs)
@@ -329,39 +290,6 @@ def plan_targets(images: Sequence[tuple[str, str]], output) -> list[tuple[str, P
     return [(image, output / f"{case}.nii.gz") for image, case in images]
 
 
-def check_weights(organs: Sequence[int], options: Mapping) -> dict:
-    """Fail now, with the one line of :func:`weights_error`, if a needed stage has no weights and they are required.
-    Returns the stages' parsed configs (:func:`stage_parsers`), which the segmenter then loads without parsing again."""
-    dirs, overrides = stage_sources(
-        options.get("bundles_dir"), as_mapping(options.get("stage_dirs"), "stage_dirs"),
-        cascade_overrides(options.get("stage_overrides"), options.get("override")),
-    )
-    parsers = stage_parsers(dirs, overrides, organs)
-    missing = missing_weights(parsers)
-    if missing and as_bool(options.get("require_weights", True), "require_weights"):
-        raise weights_error(missing)
-    return parsers
-
-
-class _CollectWarnings(logging.Handler):
-    """The package's warnings during a run: printed as ``warning: ...`` and kept for the run report."""
-
-    def __init__(self, echo: bool = True):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-        self.echo = echo
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        self.messages.append(message)
-        if self.echo:
-            print(f"warning: {message}", file=sys.stderr)
-
-    def take(self) -> list[str]:
-        taken, self.messages = self.messages, []
-        return taken
-
-
 def _environment(segmenter: Segmenter) -> dict:
     import platform
 
@@ -400,18 +328,17 @@ def run_segment(
     reference=None,
     **options,
 ) -> dict:
-    """``flare-c2f segment``: check everything that can be checked (inputs, output folder, organs, weights) before
-    any network runs, then segment each input and write its outputs (:func:`outputs.write_case`) and a run report.
-    A case that fails is reported and the others go on. Returns the report.
-
-    Under ``torchrun`` each rank segments its share of the cases on its own device and rank 0 writes one merged
-    report (:mod:`.distributed`); the other ranks return their part."""
+    """``flare-c2f segment``: check everything that can be checked (inputs, output folder, options, weights) before
+    any network runs, then segment each input and write its outputs (:func:`outputs.write_case`) through the one
+    batch runner (:class:`~.batch.BatchRunner`: a case that fails is reported and the others go on; under
+    ``torchrun`` each rank takes its share of the cases on its own device) and write one run report (rank 0).
+    Returns the report (on other ranks their part)."""
     from flare_c2f_extensions.cascade.engines import resolve_engine
-    from flare_c2f_extensions.io.files import prepare_output_dir, refuse_foreign_outputs
-    from flare_c2f_extensions.runs.pseudo_label import load_volume_reference
-    from flare_c2f_extensions.runs.ranks import Ranks, merge_reports
+    from flare_c2f_extensions.evaluation.quality import load_volume_reference
+    from flare_c2f_extensions.io.files import prepare_output_dir, refuse_foreign_outputs, write_text_atomic
+    from flare_c2f_extensions.runs.batch import BatchRunner, Case, summarise
 
-    chosen = parse_organs(organs)
+    chosen = SegmentOptions.parse(organs=organs, **options)
     images, ignored = resolve_inputs(input, output)
     targets = plan_targets(images, output)
     if dicom_seg:
@@ -419,56 +346,102 @@ def run_segment(
 
         for image, _ in images:
             check_source(image)
-    device = parse_device(options.get("device"))
-    resolve_engine(options.get("engine", "auto"), device or ("cuda" if _cuda() else "cpu"))
-    parse_threads(options.get("threads"))
-    parse_seed(options.get("seed", 0))
-    parse_max_voxels(options.get("max_voxels", "default"))
-    if "amp" in options and options["amp"] is not None:
-        as_bool(options["amp"], "amp")
-    parsers = check_weights(chosen, options)
+    ranks = Ranks.from_env()  # one process: everything as it was
+    device = ranks.device(chosen.device)
+    chosen = dataclasses.replace(chosen, device=None if device is None else torch_device(device),
+                                 threads=ranks.threads(chosen.threads, device))
+    resolve_engine(chosen.engine, chosen.device or ("cuda" if _cuda() else "cpu"))
+    parsers = check_weights(chosen)
     refuse_foreign_outputs(targets, overwrite)
     volumes = load_volume_reference(reference)
     folder = prepare_output_dir(targets[0][1].parent)
     single_file = len(targets) == 1 and targets[0][1] == Path(str(output)).expanduser()
     report_path = report_path_for(folder, targets, single_file)
-    ranks = Ranks.from_env()  # one process: everything as it was
-    device = options["device"] = ranks.device(options.get("device"))
-    options["threads"] = ranks.threads(options.get("threads"), device)
-    mine = ranks.shard(targets, key=lambda target: str(target[1]))  # every case on exactly one rank
-    ranks.start()
-    collect = _CollectWarnings(echo=progress)
+    names = dict(images)
+    cases = [Case(image, names[image], target) for image, target in targets]
+    what = dict(per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics, preview=preview)
+    run_warnings = _RunWarnings(echo=progress)
     package_logger = logging.getLogger("flare_c2f_extensions")
-    package_logger.addHandler(collect)
+    package_logger.addHandler(run_warnings)
     try:
-        segmenter = Segmenter(organs=chosen, **options, stage_parsers=parsers)
-        run_warnings = collect.take()
-        cases = _run_cases(segmenter, mine, overwrite, progress, collect,
-                           dict(per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics, preview=preview),
-                           volumes)
+        segmenter = Segmenter(chosen, parsers=parsers)
     finally:
-        package_logger.removeHandler(collect)
-    from flare_c2f_extensions.cascade.pipeline import _summarise
-    from flare_c2f_extensions.io.files import write_text_atomic
-
-    report = {
-        **_environment(segmenter), "warnings": run_warnings, **_summarise(cases, segmenter.cascade.device, ignored),
-    }
-    parts = ranks.gather(report)
+        package_logger.removeHandler(run_warnings)
+    work = SegmentWork(segmenter, what, volumes)
+    batch = BatchRunner(work, cases, segmenter.cascade.device, overwrite, "lines" if progress else None).run()
     ranks.stop()
-    if parts is None:  # not rank 0: rank 0 writes the merged report
-        return {**report, "report": str(report_path)}
-    if ranks.distributed:
-        report = merge_reports(parts, lambda cases: _summarise(cases, segmenter.cascade.device, ignored))
+    if batch is None:  # not rank 0: rank 0 writes the report
+        return {"report": str(report_path)}
+    report = {**_environment(segmenter), "warnings": run_warnings.messages,
+              **summarise(batch["cases"], segmenter.cascade.device, ignored)}
+    if batch["ranks"]:
+        report.update(world_size=len(batch["ranks"]), ranks=batch["ranks"])
     write_text_atomic(json.dumps(report, indent=4) + "\n", report_path)
     report["report"] = str(report_path)
     return report
+
+
+class _RunWarnings(logging.Handler):
+    """The package's warnings while the cascade loads, for the run report; printed as ``warning: ...``."""
+
+    def __init__(self, echo: bool = True):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self.echo = echo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if self.echo:
+            print(f"warning: {record.getMessage()}", file=sys.stderr)
+
+
+class SegmentWork:
+    """Each case of ``flare-c2f segment``: its label map and the outputs asked for (``what``: per-organ masks, DICOM
+    SEG, statistics, preview), its quality signals (a flagged organ is a warning), and the record of where the label
+    map came from, which decides on a rerun whether the case is finished (:func:`files.finished`)."""
+
+    def __init__(self, segmenter: Segmenter, what: Mapping, reference=None):
+        self.segmenter, self.what, self.reference = segmenter, dict(what), reference
+        self.labels_options = segmenter.labels_options()
+        self.wanted = [name for name, wanted in self.what.items() if wanted]
+
+    def finished(self, case):
+        from flare_c2f_extensions.io.files import finished, output_provenance_of
+        from flare_c2f_extensions.io.outputs import case_outputs
+
+        provenance = output_provenance_of(case.image, self.labels_options, self.wanted)
+        return finished(case.target, provenance, case_outputs(case.target, **self.what)), {}
+
+    def process(self, case) -> dict:
+        from flare_c2f_extensions.evaluation.quality import organ_quality
+        from flare_c2f_extensions.io.files import output_provenance_of
+        from flare_c2f_extensions.io.images import image_geometry
+        from flare_c2f_extensions.io.outputs import write_case
+
+        provenance = output_provenance_of(case.image, self.labels_options, self.wanted)  # its hash is remembered
+        labels, result = self.segmenter.labels(case.image, keep_confidence=True)
+        geometry = image_geometry(case.image)  # once, for the quality signals and the outputs
+        quality = organ_quality(labels, result, geometry.affine, self.segmenter.organs, reference=self.reference)
+        for name, organ in quality.items():
+            if organ["flags"]:
+                logger.warning("%s: check the %s: %s", case.image, name, "; ".join(organ["flags"]))
+        written = write_case(labels, case.image, case.target, self.segmenter.organs, **self.what,
+                             provenance=provenance, quality=quality, geometry=geometry)
+        seconds = {stage: round(value, 3) for stage, value in result.seconds.items()}
+        return {"outputs": [str(p) for p in written], "stage_seconds": seconds, "skipped_stages": result.skipped,
+                "quality": quality}
 
 
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def torch_device(device):
+    import torch
+
+    return torch.device(device)
 
 
 def report_path_for(folder: Path, targets, single_file: bool) -> Path:
@@ -483,82 +456,3 @@ def report_path_for(folder: Path, targets, single_file: bool) -> Path:
     while name in taken:
         name = name.replace(".json", "_run.json")
     return folder / name
-
-
-def _quality(labels, result, image, affine, organs, reference) -> dict:
-    """Each organ's quality signals and flags (:func:`pseudo_label.organ_quality`); a flagged organ is a warning."""
-    from flare_c2f_extensions.runs.pseudo_label import organ_quality
-
-    quality = organ_quality(labels, result, affine, organs, reference=reference)
-    for name, organ in quality.items():
-        if organ["flags"]:
-            logger.warning("%s: check the %s: %s", image, name, "; ".join(organ["flags"]))
-    return quality
-
-
-def _run_cases(
-    segmenter: Segmenter, targets, overwrite: bool, progress: bool, collect, what: dict, reference=None
-) -> list[dict]:
-    from flare_c2f_extensions.errors import input_error_in
-    from flare_c2f_extensions.io.discovery import case_name
-    from flare_c2f_extensions.io.files import output_provenance_of
-    from flare_c2f_extensions.io.images import image_geometry
-    from flare_c2f_extensions.io.outputs import case_outputs, write_case
-    from flare_c2f_extensions.runs.resources import ResourceMonitor
-
-    cases, claimed = [], {}
-    labels_options = segmenter.labels_options()
-    for number, (image, target) in enumerate(targets, start=1):
-        case = {"case": case_name(image), "input": image, "output": str(target)}
-        if str(target) in claimed:
-            case.update(status="failed", error=f"{image}: its output {target} is already {claimed[str(target)]}'s")
-        else:
-            claimed[str(target)] = image
-            try:
-                provenance = output_provenance_of(image, labels_options, [n for n, wanted in what.items() if wanted])
-                if not overwrite and _finished(target, provenance, case_outputs(target, **what), case):
-                    case["status"] = "exists"
-                else:
-                    with ResourceMonitor(segmenter.cascade.device) as monitor:
-                        labels, result = segmenter.labels(image, keep_confidence=True)
-                        geometry = image_geometry(image)  # once, for the quality signals and the outputs
-                        quality = _quality(labels, result, image, geometry.affine, segmenter.organs, reference)
-                        written = write_case(labels, image, target, segmenter.organs, **what, provenance=provenance,
-                                             quality=quality, geometry=geometry)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as error:  # one bad case must not stop the others
-                cause = input_error_in(error)
-                case.update(status="failed", error=str(cause) if cause else f"{image}: {type(error).__name__}: {error}")
-            else:
-                if case.get("status") != "exists":
-                    case.update(status="done", outputs=[str(p) for p in written], **monitor.usage.as_dict())
-                    case["stage_seconds"] = {k: round(v, 3) for k, v in result.seconds.items()}
-                    case["skipped_stages"] = result.skipped
-                    case["quality"] = quality
-        case["warnings"] = collect.take()
-        cases.append(case)
-        if progress:
-            print(_case_line(case, number, len(targets)), file=sys.stderr)
-    return cases
-
-
-def _finished(target: Path, provenance: dict, expected, case: dict) -> bool:
-    from flare_c2f_extensions.io.files import finished
-
-    why = finished(target, provenance, expected)
-    if why == "":
-        return False
-    if why:
-        case["redone"] = why
-        logger.warning("%s: exists but %s: segmenting the case again", target, why)
-    return why is None
-
-
-def _case_line(case: dict, number: int, total: int) -> str:
-    status = case["status"]
-    if status == "done":
-        return f"[{number}/{total}] {case['case']}: {case['seconds']:.1f} s -> {case['output']}"
-    if status == "exists":
-        return f"[{number}/{total}] {case['case']}: {case['output']} exists, skipped (--overwrite to redo it)"
-    return f"[{number}/{total}] {case['case']}: failed: {case['error']}"

@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 
 def evaluate_bundles(bundles_dir, dataset_dir, num_val: int, out: Path, device=None, progress: bool = True) -> dict:
     """FLARE22 DSC and NSD of the cascade in ``bundles_dir`` on the labelled validation cases; written to ``out``."""
-    from flare_c2f_extensions.cascade.pipeline import Cascade, CascadeRunner
+    from flare_c2f_extensions.cascade.pipeline import Cascade
     from flare_c2f_extensions.evaluation.metrics import evaluate_folder
+    from flare_c2f_extensions.runs.cascade_run import CascadeRunner
 
     _, val = split_cases(labelled_cases(dataset_dir), num_val)
     cascade = Cascade.from_bundles(bundles_dir, device=device)
@@ -67,7 +68,7 @@ def _write_state(out: Path, rounds: list[dict]) -> dict:
 
 
 def _train(dataset_dir, bundles: Path, epochs, device, overrides, num_val, extra: Mapping | None = None) -> None:
-    from flare_c2f_extensions.cli.arguments import parse_overrides
+    from flare_c2f_extensions.options import parse_overrides
     from flare_c2f_extensions.training.train import train_cascade
 
     merged = parse_overrides(overrides)

@@ -31,12 +31,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from flare_c2f_extensions.cli.arguments import parse_overrides
 from flare_c2f_extensions.errors import InputError, input_error_in
 from flare_c2f_extensions.io.discovery import case_name, labelled_cases, split_cases
 from flare_c2f_extensions.io.files import atomic_path, remembered_sha256, write_nifti_atomic, write_text_atomic
 from flare_c2f_extensions.io.images import HU_RANGE, read_ct
 from flare_c2f_extensions.labels import GROUPS, ORGANS
+from flare_c2f_extensions.options import parse_overrides
 from flare_c2f_extensions.paths import BUNDLES_DIR, STAGE_BUNDLES
 from flare_c2f_extensions.training.progress import _EpochProgress, _FileLog
 
@@ -381,8 +381,9 @@ def done_marker(root: Path, stage: StagePlan) -> Path:
 def evaluate_cascade(dataset_dir, out: Path, num_val: int, device=None, progress: bool = True) -> dict:
     """The cascade of the bundles in ``out`` on the held-out validation cases (the last ``num_val`` labelled ones,
     the split every stage validated on), scored with the FLARE22 metrics in ``out/evaluation``."""
-    from flare_c2f_extensions.cascade.pipeline import Cascade, CascadeRunner
+    from flare_c2f_extensions.cascade.pipeline import Cascade
     from flare_c2f_extensions.evaluation.metrics import evaluate_folder, format_summary
+    from flare_c2f_extensions.runs.cascade_run import CascadeRunner
 
     _, val = split_cases(labelled_cases(dataset_dir), num_val)
     evaluation = Path(out) / "evaluation"
