@@ -45,7 +45,7 @@ from flare_c2f_extensions.cascade.stages import (
     stage_geometry,
 )
 from flare_c2f_extensions.errors import InputError
-from flare_c2f_extensions.io.images import image_geometry, read_ct
+from flare_c2f_extensions.io.images import CT, read_ct
 from flare_c2f_extensions.labels import ORGANS
 from flare_c2f_extensions.options import as_bool
 from flare_c2f_extensions.paths import STAGE_BUNDLES
@@ -72,10 +72,11 @@ MAX_CASE_VOXELS = 1024 * 1024 * 512
 MIN_AXIS_VOXELS = 8
 
 
-def check_voxel_count(path: str | os.PathLike, limit: int | None) -> None:
+def check_voxel_count(image: str | os.PathLike | CT, limit: int | None) -> None:
     """Refuse an input with more than ``limit`` voxels, or fewer than :data:`MIN_AXIS_VOXELS` along an axis, from its
     header (NIfTI header or DICOM headers), before any voxel is read or memory allocated."""
-    shape = image_geometry(path).shape
+    ct = CT.open(image)
+    path, shape = ct.path, ct.shape
     if min(shape) < MIN_AXIS_VOXELS:
         raise InputError(
             f"{path}: {shape[0]}x{shape[1]}x{shape[2]} voxels is too small for a CT volume (at least "
@@ -204,14 +205,16 @@ class Cascade:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def segment(self, path: str | os.PathLike, keep_confidence: bool = False) -> CaseResult:
-        """Segment the CT at ``path``; returns the uint8 label map in the file's own array layout (and with
-        ``keep_confidence`` the confidence map and what the largest-component step dropped, see CaseResult)."""
+    def segment(self, image: str | os.PathLike | CT, keep_confidence: bool = False) -> CaseResult:
+        """Segment a CT (a path, or a :class:`~flare_c2f_extensions.io.images.CT` already opened); returns the uint8
+        label map in the file's own array layout (and with ``keep_confidence`` the confidence map and what the
+        largest-component step dropped, see CaseResult)."""
         started, read = time.perf_counter(), {}
-        check_voxel_count(path, self.max_voxels)
+        ct = CT.open(image)
+        check_voxel_count(ct, self.max_voxels)
 
         def load() -> MetaTensor:  # passed on unnamed, so that segment_ras holds the only reference and frees it
-            image, read["ornt"] = read_ct(path, self.device)
+            image, read["ornt"] = read_ct(ct, self.device)
             self._sync()
             read["seconds"] = time.perf_counter() - started
             return image

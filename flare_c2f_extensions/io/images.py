@@ -34,7 +34,7 @@ from flare_c2f_extensions.io.dicom import DicomSeries, is_dicom_series
 from flare_c2f_extensions.io.geometry import Geometry, check_affine, check_shape
 
 __all__ = [
-    "AIR_HU", "HU_RANGE", "NO_AIR_HU", "TILE", "c_order_copy", "check_volume", "image_geometry", "read_ct",
+    "AIR_HU", "CT", "HU_RANGE", "NO_AIR_HU", "TILE", "c_order_copy", "check_volume", "image_geometry", "read_ct",
     "read_voxels",
 ]
 
@@ -141,13 +141,15 @@ def _stored_voxels(nifti, raw: bytes | None) -> np.ndarray:
     return np.asarray(proxy)
 
 
-def read_voxels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_voxels(path: Path, geometry: Geometry | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The image's voxels in HU (float32, or int16 when stored so unscaled; 3D, the file's own layout) and its
-    affine. An unscaled int16 volume from a gzipped file is a read-only view of the inflated bytes."""
+    affine. An unscaled int16 volume from a gzipped file is a read-only view of the inflated bytes. ``geometry``:
+    the headers already read (:func:`image_geometry`), else they are read here."""
+    path = Path(path)
     if path.is_dir():
         series = DicomSeries.read(path, pixels=True)
         return series.data, series.affine
-    geometry = image_geometry(path)
+    geometry = geometry or image_geometry(path)
     try:
         nifti, raw = _load_nifti(path)
         stored = nifti.get_data_dtype()
@@ -220,23 +222,68 @@ def _sanitise_hu(path, data: np.ndarray) -> np.ndarray:
     return data
 
 
-def read_ct(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[MetaTensor, np.ndarray]:
+class CT:
+    """A CT opened once, carried from the command line to the written files: ``CT.open(path)`` reads and checks its
+    headers (:attr:`geometry`: shape, affine, NIfTI header); :meth:`hu` decodes its voxels in HU (the file's layout,
+    NaN and infinities sanitised) and, with ``keep_voxels``, keeps them for what comes after the cascade (statistics,
+    preview), so that no step reads the file's headers or decodes its voxels a second time."""
+
+    def __init__(self, path: str | os.PathLike, geometry: Geometry, keep_voxels: bool = False):
+        self.path, self.geometry, self.keep_voxels = Path(path), geometry, keep_voxels
+        self._voxels: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, source: str | os.PathLike | CT, keep_voxels: bool = False, what: str = "image") -> CT:
+        """``source`` opened (its headers read and checked), or ``source`` itself when it is a :class:`CT`."""
+        if isinstance(source, CT):
+            source.keep_voxels = source.keep_voxels or keep_voxels
+            return source
+        return cls(source, image_geometry(source, what), keep_voxels)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.geometry.shape
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.geometry.affine
+
+    def hu(self) -> np.ndarray:
+        """The voxels in HU (float32, or int16 as stored; the file's own layout, 3D), decoded on the first call."""
+        if self._voxels is not None:
+            return self._voxels
+        data, _ = read_voxels(self.path, self.geometry)
+        data = _sanitise_hu(self.path, data)
+        if self.keep_voxels:
+            self._voxels = data
+        return data
+
+
+def read_ct(image: str | os.PathLike | CT, device: torch.device | str = "cpu") -> tuple[MetaTensor, np.ndarray]:
     """Read a CT once: (1, X, Y, Z) float32 in [0, 1] on ``device``, reoriented to RAS, with its RAS affine.
 
-    ``path``: a NIfTI file or a DICOM series folder (see the module docstring for unusual inputs). Also returns
-    the orientation transform that takes a RAS array back to the file's array layout. HU are clipped to
-    [-100, 300] and scaled to [0, 1], as ``ScaleIntensityRanged`` does in the stage bundles.
+    ``image``: a NIfTI file or a DICOM series folder, or a :class:`CT` already opened (see the module docstring
+    for unusual inputs). Also returns the orientation transform that takes a RAS array back to the file's array
+    layout. HU are clipped to [-100, 300] and scaled to [0, 1], as ``ScaleIntensityRanged`` does in the stage
+    bundles.
     """
-    path = Path(path)
-    _check_path(path, "image")
-    data, affine = read_voxels(path)
-    data = _sanitise_hu(path, data)
+    ct = CT.open(image)
+    data, affine = ct.hu(), ct.affine
     ornt = nib.orientations.io_orientation(affine)
     ras = nib.orientations.apply_orientation(data, ornt)
     ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-    tensor = torch.from_numpy(c_order_copy(ras)).to(device)
-    del data, ras
+    copied = c_order_copy(ras)  # a view already in C order is not copied
+    if ct.keep_voxels and np.may_share_memory(copied, data):
+        copied = copied.copy()  # the scaling below works in place: the kept HU must stay as they are
+    tensor = torch.from_numpy(copied).to(device)
+    del data, ras, copied
     low, high = HU_RANGE
     if tensor.dtype == torch.int16:  # clamp and shift in int16 (whole HU: exact), then one float copy
         tensor = tensor.clamp_(int(low), int(high)).sub_(int(low)).to(torch.float32)

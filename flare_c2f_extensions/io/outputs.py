@@ -33,12 +33,12 @@ import numpy as np
 
 from flare_c2f_extensions.io.discovery import NIFTI_SUFFIXES
 from flare_c2f_extensions.io.files import add_provenance, write_nifti_atomic, write_text_atomic
-from flare_c2f_extensions.io.images import image_geometry, read_voxels
+from flare_c2f_extensions.io.images import CT
 from flare_c2f_extensions.io.label_maps import label_map_image
 from flare_c2f_extensions.labels import ORGANS, label_names
 
 __all__ = [
-    "case_outputs", "itksnap_labels", "named_label_image", "organ_statistics", "preview_rgb", "read_hu",
+    "case_outputs", "itksnap_labels", "named_label_image", "organ_statistics", "preview_rgb",
     "slicer_color_table",
     "statistics_csv", "stem_of", "write_case",
 ]
@@ -56,11 +56,6 @@ def stem_of(target: str | os.PathLike) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def read_hu(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """The input's voxels in HU (float32, the file's own array layout) and its affine."""
-    return read_voxels(Path(path))
 
 
 # -- label names --------------------------------------------------------------------------------------------------
@@ -180,7 +175,7 @@ def preview_rgb(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> np.nd
 
 def write_case(
     labels: np.ndarray,
-    image_path: str | os.PathLike,
+    image: str | os.PathLike | CT,
     target: str | os.PathLike,
     organs: Sequence[int],
     per_organ: bool = False,
@@ -189,20 +184,21 @@ def write_case(
     preview: bool = False,
     provenance: dict | None = None,
     quality: dict | None = None,
-    geometry=None,
 ) -> list[Path]:
     """Write the outputs of one case (module docstring) beside ``target`` (the label map's path); returns their
     paths, the label map last. Atomic as a whole: staged in a hidden folder, then moved into place.
-    ``provenance``: what the label map's header records of its input and options (:func:`named_label_image`);
-    ``quality``: each organ's quality signals and flags, added to its statistics; ``geometry``: the image's, when the
-    caller has read it already."""
+    ``image``: the CT (its path, or the :class:`~flare_c2f_extensions.io.images.CT` the cascade read: its headers
+    and, for statistics and the preview, its kept voxels are used as they are). ``provenance``: what the label map's
+    header records of its input and options (:func:`named_label_image`); ``quality``: each organ's quality signals
+    and flags, added to its statistics."""
+    ct = CT.open(image)
     target = Path(target)
     stem = stem_of(target)
     remove_abandoned_staging(target.parent, stem)
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-{os.getpid()}-", dir=target.parent))
     try:
-        names = _write_staged(labels, image_path, staging, target.name, stem, organs, per_organ, dicom_seg,
-                              statistics, preview, provenance, quality, geometry)
+        names = _write_staged(labels, ct, staging, target.name, stem, organs, per_organ, dicom_seg,
+                              statistics, preview, provenance, quality)
         return _move_into_place(staging, target.parent, names)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -227,10 +223,10 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _write_staged(labels, image_path, staging: Path, label_name: str, stem: str, organs, per_organ, dicom_seg,
-                  statistics, preview, provenance, quality, geometry) -> list[str]:
+def _write_staged(labels, ct: CT, staging: Path, label_name: str, stem: str, organs, per_organ, dicom_seg,
+                  statistics, preview, provenance, quality) -> list[str]:
     names = []
-    geometry = geometry or image_geometry(image_path)  # headers read once for every mask
+    geometry = ct.geometry
 
     def text(name: str, content: str):
         write_text_atomic(content, staging / name)
@@ -249,10 +245,10 @@ def _write_staged(labels, image_path, staging: Path, label_name: str, stem: str,
     if dicom_seg:
         from flare_c2f_extensions.io.dicom_seg import dicom_seg as make_seg
 
-        make_seg(labels, image_path, organs).save_as(staging / f"{stem}_seg.dcm")
+        make_seg(labels, ct.path, organs).save_as(staging / f"{stem}_seg.dcm")
         names.append(f"{stem}_seg.dcm")
     if statistics or preview:
-        hu, affine = read_hu(image_path)
+        hu, affine = ct.hu(), ct.affine
         if statistics:
             stats = organ_statistics(labels, hu, affine, organs, quality)
             text(f"{stem}_statistics.json", json.dumps(stats, indent=4) + "\n")

@@ -20,6 +20,7 @@ from flare_c2f_extensions.io.files import (
     refuse_foreign_outputs,
     write_text_atomic,
 )
+from flare_c2f_extensions.io.images import CT
 from flare_c2f_extensions.io.label_maps import save_label_map
 from flare_c2f_extensions.options import as_bool
 from flare_c2f_extensions.runs.batch import BatchRunner, Case, end_on_failures, summarise
@@ -47,8 +48,9 @@ class LabelMapWork:
     def process(self, case: Case) -> dict:
         if case.image not in self.provenance:
             self.finished(case)
-        result = self.cascade.segment(case.image)
-        save_label_map(result.labels, case.image, case.target.parent, name=case.name,
+        ct = CT.open(case.image)
+        result = self.cascade.segment(ct)
+        save_label_map(result.labels, ct.geometry, case.target.parent, name=case.name,
                        provenance=self.provenance.pop(case.image))
         return {"stage_seconds": {k: round(v, 3) for k, v in result.seconds.items()}, "skipped_stages": result.skipped}
 

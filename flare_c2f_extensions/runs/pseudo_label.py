@@ -51,7 +51,7 @@ from flare_c2f_extensions.errors import InputWarnings
 from flare_c2f_extensions.evaluation.quality import QualityRule, case_signals, decide, load_volume_reference
 from flare_c2f_extensions.io.discovery import case_name, find_images
 from flare_c2f_extensions.io.files import content_sha256, prepare_output_dir, write_text_atomic
-from flare_c2f_extensions.io.images import image_geometry
+from flare_c2f_extensions.io.images import CT
 from flare_c2f_extensions.io.label_maps import save_label_map
 from flare_c2f_extensions.runs.batch import BatchRunner, Case
 
@@ -120,11 +120,11 @@ class PseudoLabelWork:
     def process(self, case) -> dict:
         with InputWarnings() as warned:
             sha256 = content_sha256(case.image)
-            result = self.cascade.segment(case.image, keep_confidence=True)
-            geometry = image_geometry(case.image)
-        signals = case_signals(result.labels, result.confidence, result.dropped, geometry.affine)
+            ct = CT.open(case.image)
+            result = self.cascade.segment(ct, keep_confidence=True)
+        signals = case_signals(result.labels, result.confidence, result.dropped, ct.affine)
         signals.update(input_sha256=sha256, input_warnings=list(warned.messages))
-        save_label_map(result.labels, geometry, case.target.parent)
+        save_label_map(result.labels, ct.geometry, case.target.parent)
         write_text_atomic(json.dumps(signals, indent=4) + "\n", self._signals_path(case))
         return {"signals": signals}
 

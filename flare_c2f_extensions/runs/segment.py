@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from flare_c2f_extensions.errors import InputError
+from flare_c2f_extensions.io.images import CT
 from flare_c2f_extensions.io.label_maps import label_map_image
 from flare_c2f_extensions.labels import ORGANS
 from flare_c2f_extensions.options import SegmentOptions
@@ -176,11 +177,11 @@ class Segmenter:
         options["weights"] = {name: seeded if sha == "random" else sha for name, sha in options["weights"].items()}
         return options
 
-    def labels(self, path: str | os.PathLike, keep_confidence: bool = False):
-        """The label map of the CT at ``path`` (file layout, FLARE ids of the chosen organs only) and the cascade's
-        :class:`~.pipeline.CaseResult` (seconds by stage, skipped stages; the confidence map with
-        ``keep_confidence``)."""
-        result = self.cascade.segment(path, keep_confidence=keep_confidence)
+    def labels(self, image: str | os.PathLike | CT, keep_confidence: bool = False):
+        """The label map of a CT (a path or an opened :class:`~flare_c2f_extensions.io.images.CT`; the file's layout,
+        FLARE ids of the chosen organs only) and the cascade's :class:`~.pipeline.CaseResult` (seconds by stage,
+        skipped stages; the confidence map with ``keep_confidence``)."""
+        result = self.cascade.segment(image, keep_confidence=keep_confidence)
         labels = result.labels
         if len(self.organs) < len(ORGANS):  # a group's other organs are not asked for
             labels = np.where(np.isin(labels, self.organs), labels, 0).astype(np.uint8)
@@ -189,21 +190,21 @@ class Segmenter:
     def __call__(self, image, statistics: bool = False):
         with _as_path(image) as path:
             try:
-                labels, case = self.labels(path, keep_confidence=statistics)
+                ct = CT.open(path, keep_voxels=statistics)
+                labels, case = self.labels(ct, keep_confidence=statistics)
             except InputError as error:
                 if path == str(image):
                     raise
                 # the temporary file is gone when the caller reads this: name what they passed
                 raise InputError(str(error).replace(path, "the nibabel image given")) from None
-            result = label_map_image(labels, path)
+            result = label_map_image(labels, ct.geometry)
             if not statistics:
                 return result
             from flare_c2f_extensions.evaluation.quality import organ_quality
-            from flare_c2f_extensions.io.outputs import organ_statistics, read_hu
+            from flare_c2f_extensions.io.outputs import organ_statistics
 
-            hu, affine = read_hu(path)
-            quality = organ_quality(labels, case, affine, self.organs)
-            return result, organ_statistics(labels, hu, affine, self.organs, quality)
+            quality = organ_quality(labels, case, ct.affine, self.organs)
+            return result, organ_statistics(labels, ct.hu(), ct.affine, self.organs, quality)
 
 
 class _as_path:
@@ -415,18 +416,17 @@ class SegmentWork:
     def process(self, case) -> dict:
         from flare_c2f_extensions.evaluation.quality import organ_quality
         from flare_c2f_extensions.io.files import output_provenance_of
-        from flare_c2f_extensions.io.images import image_geometry
         from flare_c2f_extensions.io.outputs import write_case
 
         provenance = output_provenance_of(case.image, self.labels_options, self.wanted)  # its hash is remembered
-        labels, result = self.segmenter.labels(case.image, keep_confidence=True)
-        geometry = image_geometry(case.image)  # once, for the quality signals and the outputs
-        quality = organ_quality(labels, result, geometry.affine, self.segmenter.organs, reference=self.reference)
+        ct = CT.open(case.image, keep_voxels=self.what["statistics"] or self.what["preview"])  # read once, used by all
+        labels, result = self.segmenter.labels(ct, keep_confidence=True)
+        quality = organ_quality(labels, result, ct.affine, self.segmenter.organs, reference=self.reference)
         for name, organ in quality.items():
             if organ["flags"]:
                 logger.warning("%s: check the %s: %s", case.image, name, "; ".join(organ["flags"]))
-        written = write_case(labels, case.image, case.target, self.segmenter.organs, **self.what,
-                             provenance=provenance, quality=quality, geometry=geometry)
+        written = write_case(labels, ct, case.target, self.segmenter.organs, **self.what, provenance=provenance,
+                             quality=quality)
         seconds = {stage: round(value, 3) for stage, value in result.seconds.items()}
         return {"outputs": [str(p) for p in written], "stage_seconds": seconds, "skipped_stages": result.skipped,
                 "quality": quality}
