@@ -419,3 +419,28 @@ def test_each_stage_config_is_parsed_once_per_segment_run(phantom, tmp_path, mon
     main(["segment", "-i", str(phantom), "-o", str(tmp_path / "seg.nii.gz"), *RANDOM, "--organs", "liver,gallbladder"])
     assert sorted(parsed) == sorted([("flare22_coarse", None), ("flare22_fine_solid", None),
                                      ("flare22_small_locator", None), ("flare22_small_refiner", "gallbladder")])
+
+
+def test_a_ct_is_read_once_on_its_way_to_every_output(phantom, tmp_path, monkeypatch):
+    """Issue 19: a case's headers were read up to four times and its voxels decoded twice with --statistics or
+    --preview; now one CT object carries both from the command line to the written files."""
+    import flare_c2f_extensions.io.images as images
+
+    headers, decoded = [], []
+    read_headers, read_voxels = images.image_geometry, images.read_voxels
+
+    def counted_headers(path, what="image"):
+        headers.append(Path(path).name)
+        return read_headers(path, what)
+
+    def counted_voxels(path, geometry=None):
+        decoded.append(Path(path).name)
+        return read_voxels(path, geometry)
+
+    monkeypatch.setattr(images, "image_geometry", counted_headers)
+    monkeypatch.setattr(images, "read_voxels", counted_voxels)
+    main(["segment", "-i", str(phantom), "-o", str(tmp_path / "seg.nii.gz"), *RANDOM, "--statistics", "--preview",
+          "--per_organ"])
+    assert (tmp_path / "seg_statistics.json").is_file() and (tmp_path / "seg_preview.png").is_file()
+    assert decoded == [phantom.name]
+    assert headers.count(phantom.name) == 2  # the input's check before any work, then the case's one CT
