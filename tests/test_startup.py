@@ -267,3 +267,31 @@ def test_program_exit_keeps_status_and_outputs(tmp_path):
     missing = program("segment", "-i", str(tmp_path / "absent.nii.gz"), "-o", str(tmp_path / "out"))
     assert missing.returncode == 1 and "absent.nii.gz" in missing.stderr and "Traceback" not in missing.stderr
     assert program("no_such_command").returncode == 2
+
+
+def test_segment_imports_neither_ignite_nor_pydicom_for_a_nifti_and_still_reads_a_dicom_series(tmp_path):
+    """Issue 21: MONAI imports ignite and pydicom whenever they are installed (about a second of every start);
+    ``segment`` does not use ignite, and pydicom only for a DICOM input, where it is imported on the way."""
+    import json
+
+    import nibabel as nib
+
+    from helpers import TINY_STAGES, write_dicom_series, write_phantom
+
+    nifti = write_phantom(tmp_path / "a_0000.nii.gz")
+    series = write_dicom_series(nib.load(str(nifti)), tmp_path / "series")
+    options = ["--require_weights", "false", "--threads", "1", "--stage_overrides", json.dumps(TINY_STAGES)]
+    code = (
+        "import sys\n"
+        "from flare_c2f_extensions.cli.commands import main\n"
+        f"main(['segment', '-i', {str(nifti)!r}, '-o', {str(tmp_path / 'a.nii.gz')!r}, *{options!r}])\n"
+        "print('after nifti', 'ignite' in sys.modules, 'pydicom' in sys.modules)\n"
+        f"main(['segment', '-i', {str(series)!r}, '-o', {str(tmp_path / 's.nii.gz')!r}, *{options!r}])\n"
+        "print('after series', 'ignite' in sys.modules, 'pydicom' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after nifti False False" in result.stdout, result.stdout
+    assert "after series False True" in result.stdout, result.stdout
+    assert nib.load(str(tmp_path / "s.nii.gz")).shape == nib.load(str(nifti)).shape
