@@ -111,3 +111,16 @@ def test_trainable_bundles_share_their_training_blocks(bundle):
     intended = INTENDED_TRAIN_DIFFERENCES[bundle]
     drifted = sorted(key for key in differ if not any(key == i or key.startswith(i + "#") for i in intended))
     assert not drifted, f"{bundle}/configs/train.json differs from {TRAIN_REFERENCE}'s in {drifted}"
+
+
+def test_no_subpackage_imports_a_layer_above_it_and_no_two_modules_import_each_other():
+    """The subpackages stand in layers (benchmarks/structure.py: labels and options at the bottom, then io and
+    transforms, the cascade, runs, training, the command line): an import against them, or two modules importing
+    each other, is a tangle that the next change pays for."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "structure.py")], capture_output=True,
+                            text=True, check=True)
+    assert "imports against the layers: 0\n" in result.stdout, result.stdout
+    assert "pairs of modules importing each other: 0\n" in result.stdout, result.stdout
