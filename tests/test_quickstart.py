@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 import flare_c2f_extensions
-from flare_c2f_extensions.cli.quickstart import LOG_DIR, QUICK_STAGES, logs_to_file, quickstart, stage_runs
+from flare_c2f_extensions.cli.quickstart import LOG_DIR, QUICK_STAGES, logs_to_file, quickstart, training_runs
+from flare_c2f_extensions.training.train import STAGES
 
 from helpers import TINY_CHANNELS, TINY_GRID
 
@@ -43,18 +44,17 @@ def test_quickstart_end_to_end(tmp_path, capsys):
 
     # the terminal: a line per stage (cohort, 9 trainings, cascade, evaluation, overlays) and the final table only
     terminal = capsys.readouterr().out
-    stages = len(stage_runs()) + 4
+    stages = training_runs() + 4
     progress = [line for line in terminal.splitlines() if line.startswith("[")]
     assert len(progress) == stages == 13 and progress[-1].startswith(f"[{stages}/{stages}] draw overlays")
     assert "train refiner gallbladder" in terminal and "Epoch" not in terminal and "train_loss" not in terminal
-    # the log files: one per training run (2 epochs each here) with every iteration, and the main one
-    logs = tmp_path / LOG_DIR
-    runs = sorted(p.stem for p in logs.glob("*.log") if p.stem not in ("quickstart", "workers"))
-    assert len(runs) == len(stage_runs()) and "refiner_gallbladder" in runs and "coarse" in runs
-    for run in runs:
-        log = (logs / f"{run}.log").read_text()
-        assert "Epoch: 2/2, Iter: 1/" in log and "train_loss" in log and "val_mean_dice" in log, run
-    assert "evaluate" in (logs / "quickstart.log").read_text()  # the bars of the cascade and the evaluation
+    # the log files: one per training run (2 epochs each here, flare-c2f train's own) with every iteration, and the
+    # quickstart's
+    for stage in STAGES:
+        log = (tmp_path / "bundles" / stage.bundle / "logs" / f"train_{stage.name}.log").read_text()
+        assert "Epoch: 2/2, Iter: 1/" in log and "train_loss" in log, stage.name
+        assert (tmp_path / "bundles" / stage.bundle / "logs" / f"train_{stage.name}.done.json").is_file()
+    assert "evaluate" in (tmp_path / LOG_DIR / "quickstart.log").read_text()  # the cascade's and evaluation's bars
 
     # complete, reusable bundles: the printed command segments a new CT with them as they are, with no overrides
     command = next(line for line in terminal.splitlines() if "flare-c2f segment" in line)
@@ -93,7 +93,7 @@ def test_cpu_training_network_keeps_the_model_and_its_outputs():
 
     from flare_c2f_extensions.cascade.networks import ResUNetASPP
     from flare_c2f_extensions.cascade.stages import default_amp
-    from flare_c2f_extensions.cli.quickstart import cpu_training_network
+    from flare_c2f_extensions.training.train import cpu_training_network
 
     torch.manual_seed(0)
     plain = ResUNetASPP(spatial_dims=3, in_channels=1, out_channels=3, channels=TINY_CHANNELS)

@@ -55,11 +55,13 @@ def train(
     override=None,
     num_val: int = 10,
     evaluate: bool = True,
+    workers: int = 1,
 ):
     """Train every stage of the cascade (or ``--stages coarse,solid``; ``refiner`` = the four refiners) from a
     FLARE-layout folder into ``out/<bundle>/`` through each bundle's configs/train.json, then evaluate the cascade
     on the last ``num_val`` labelled cases. ``--override "solid#learning_rate=0.001"`` (repeatable; no stage
     prefix: every stage) or ``--override overrides.yaml`` ({stage: {key: value}}). Rerunning resumes.
+    ``--workers N``: N stages side by side (small networks on CPU cores; each stage's lines go to its logs/).
     Several GPUs: ``torchrun --nproc_per_node=N -m flare_c2f_extensions train ...``."""
     from flare_c2f_extensions.errors import InputError
     from flare_c2f_extensions.training.train import train_cascade
@@ -67,7 +69,9 @@ def train(
     stages = ",".join(stages) if isinstance(stages, (list, tuple)) else stages
     overrides = list(override) if isinstance(override, (list, tuple)) else override
     try:
-        train_cascade(dataset_dir, out, stages, epochs, device, overrides, num_val, evaluate)
+        if isinstance(workers, bool) or not str(workers).isdigit() or int(workers) < 1:
+            raise InputError(f"--workers: expected a positive whole number, got {workers!r}")
+        train_cascade(dataset_dir, out, stages, epochs, device, overrides, num_val, evaluate, workers=int(workers))
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -66,7 +66,7 @@ STAGES = tuple(
 )
 # stage-name prefixes an override may carry: a stage, "refiner" (the four refiners) or "all"
 # training-side keys that never go into the trained bundle's inference.json
-NOT_PERSISTED = {"device", "dataset_dir", "num_workers", "bundle_root", "organ", "amp"}
+NOT_PERSISTED = {"device", "dataset_dir", "num_workers", "bundle_root", "organ", "amp", "network"}
 DEFAULT_NUM_VAL = 10
 
 
@@ -371,8 +371,66 @@ def train_stage(stage: StagePlan, root: Path, settings: Mapping, distributed: bo
     return record
 
 
+def train_side_by_side(jobs, workers: int):
+    """Train ``jobs`` (``(stage, bundle root, settings)``) in ``workers`` processes, the costliest first (epochs x
+    grid voxels), each with its share of the cores; yields each done record as its stage finishes."""
+    import concurrent.futures
+    import multiprocessing
+
+    def cost(job) -> float:
+        settings = job[2]
+        return float(settings.get("max_epochs", 1)) * float(np.prod(settings.get("spatial_size", [1])))
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(workers, len(jobs)))
+    threads = max(1, cores // workers)
+    context = multiprocessing.get_context("spawn")  # a clean torch per worker, whatever the parent holds
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(_train_in_worker, stage, root, settings, threads)
+                   for stage, root, settings in sorted(jobs, key=cost, reverse=True)]
+        for future in concurrent.futures.as_completed(futures):
+            yield future.result()
+
+
+def _train_in_worker(stage: StagePlan, root: Path, settings: Mapping, threads: int) -> dict:
+    """One stage in a worker process: its epoch lines and whatever it prints go to its log folder, not the terminal."""
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(threads)
+    log = Path(root) / "logs" / f"train_{stage.name}.out"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", buffering=1) as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        return train_stage(stage, root, settings)
+
+
 def done_marker(root: Path, stage: StagePlan) -> Path:
     return Path(root) / "logs" / f"train_{stage.name}.done.json"
+
+
+def cpu_training_network(network, device=None):
+    """``network`` set up to train fast on a CPU: weights and inputs channels-last (a third less time in the
+    backward pass of 3D convolutions on one core), and its forward under bf16 autocast (fp32 output) where
+    :func:`default_amp` says the CPU runs bf16 natively. Unchanged on other devices. The state dict keeps its
+    names and values (only the memory layout and ``forward`` change)."""
+    import torch
+
+    from flare_c2f_extensions.cascade.stages import default_amp
+
+    device = device or next(network.parameters()).device
+    if device.type != "cpu":
+        return network
+    network = network.to(memory_format=torch.channels_last_3d)
+    forward, bf16 = network.forward, default_amp(device)
+
+    def forward_channels_last(x, *args, **kwargs):
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return forward(x, *args, **kwargs).float()
+
+    network.forward = forward_channels_last
+    return network
 
 
 # -- the whole cascade -----------------------------------------------------------------------------------------
@@ -450,14 +508,19 @@ def train_cascade(
     evaluate: bool = True,
     progress: bool = True,
     bundles_dir: str | os.PathLike = BUNDLES_DIR,
+    workers: int = 1,
+    on_stage_done=None,
 ) -> dict:
     """Train the cascade's stages from the FLARE-layout ``dataset_dir`` into ``out/<bundle>/`` and evaluate it.
 
     ``stages``: ``None`` (all), or names such as ``"coarse,solid"`` (``refiner`` = all four refiners);
     ``epochs``: every stage's ``max_epochs``; ``device``: e.g. ``"cuda:1"`` or ``"cpu"`` (default: the configs');
     ``overrides``: see :func:`parse_overrides`; ``num_val``: the last ``num_val`` labelled cases validate every stage
-    and the final cascade evaluation. Finished stages are skipped, an interrupted one resumes. Returns
-    ``{"stages": {name: done record}, "evaluation": FLARE22 summary or None}``.
+    and the final cascade evaluation. Finished stages are skipped, an interrupted one resumes. ``workers`` (one
+    process, not under ``torchrun``): stages trained side by side in that many processes, each with its share of the
+    cores and its epoch lines in its log only (the stages learn independently, and at small sizes one process keeps
+    a core busier than two threads do); ``on_stage_done``: called with each stage's done record as it finishes.
+    Returns ``{"stages": {name: done record}, "evaluation": FLARE22 summary or None}``.
     """
     out = Path(out)
     plans = select_stages(stages)
@@ -471,7 +534,7 @@ def train_cascade(
         copy_bundle("flare22_cascade", out, Path(bundles_dir))  # the whole pipeline, reading its sibling stages
     _barrier()
     common = _common_settings(out / "cache" / "data", num_val, epochs, device, distributed)
-    records = {}
+    records, jobs = {}, []
     for stage in plans:
         root = out / stage.bundle
         if done_marker(root, stage).is_file():
@@ -484,8 +547,16 @@ def train_cascade(
             persist_inference_overrides(root, stage_overrides(stage, user))
         _barrier()
         settings = {**common, **({"organ": stage.organ} if stage.organ else {}), **stage_overrides(stage, user)}
-        records[stage.name] = train_stage(stage, root, settings, distributed)
+        jobs.append((stage, root, settings))
+    if int(workers) > 1 and not distributed:
+        finished = train_side_by_side(jobs, int(workers))
+    else:
+        finished = (train_stage(stage, root, settings, distributed) for stage, root, settings in jobs)
+    for record in finished:
+        records[record["stage"]] = record
         _barrier()
+        if on_stage_done is not None and _rank() == 0:
+            on_stage_done(record)
     summary = None
     pending = [s.name for s in STAGES if not done_marker(out / s.bundle, s).is_file()]
     if _rank() == 0:
