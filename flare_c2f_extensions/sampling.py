@@ -43,7 +43,7 @@ from monai.data.utils import affine_to_spacing
 from .boxes import Box, _per_axis, _per_side, _spatial_mask, affine_of, box_from_mask, expand_box, label_names
 
 __all__ = [
-    "AugmentationRecipe", "DeviceTrainingLoader", "SampleDraw", "draw_sample", "elastic_field",
+    "AugmentationRecipe", "DeviceTrainingLoader", "FollowEpochs", "SampleDraw", "draw_sample", "elastic_field",
     "recipe_from_transforms", "sample_case", "stage_labels",
 ]
 
@@ -581,10 +581,10 @@ class DeviceTrainingLoader:
         elastic_grid_factor: the elastic noise's coarsening (see :func:`elastic_field`).
 
     Under ``torch.distributed`` each rank takes its share of every epoch's order (padded to equal shares, as
-    MONAI's ``DistributedSampler(even_divisible=True)``). Attach it to the trainer (it is an ignite handler too:
-    list it in ``train#handlers``) so that it knows the epoch, which makes a resumed run draw as the uninterrupted
-    one did; unattached, it counts its own epochs from 1. The cases are decoded at the first iteration, not when
-    the object is built.
+    MONAI's ``DistributedSampler(even_divisible=True)``). Attach it to the trainer (``FollowEpochs(loader)`` in
+    ``train#handlers``) so that it knows the epoch, which makes a resumed run draw as the uninterrupted one did;
+    unattached, it counts its own epochs from 1. The cases are decoded at the first iteration, not when the object
+    is built.
     """
 
     def __init__(self, data, load_transforms, spatial_size, crop=None, augmentations=(), batch_size: int = 2,
@@ -724,3 +724,14 @@ class DeviceTrainingLoader:
         other.__dict__.update(self.__dict__)
         other.recipe = replace(self.recipe, **changes)
         return other
+
+
+class FollowEpochs:
+    """A trainer handler that tells ``loader`` (a :class:`DeviceTrainingLoader`) the trainer's epoch, so that a resumed
+    run draws what the uninterrupted one drew. Harmless when the trainer reads another loader."""
+
+    def __init__(self, loader: DeviceTrainingLoader):
+        self.loader = loader
+
+    def attach(self, engine) -> None:
+        self.loader.attach(engine)

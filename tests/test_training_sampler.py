@@ -318,7 +318,7 @@ def test_elastic_displacement_magnitudes_match_todays_rand3delastic():
 # -- resume: the evaluator's best metric and its epoch -----------------------------------------------------------
 
 
-TINY = ["spatial_size=[16,16,16]", "network_def#channels=[4,8,8,8,8]", "num_workers=0", "batch_size=2",
+TINY = ["spatial_size=[32,32,32]", "network_def#channels=[4,8,8,8,8]", "num_workers=0", "batch_size=2",
         "val_interval=1", "learning_rate=0.02"]
 RECORD_BEST = (  # at the trainer's start (after the resume loader) and at its end
     "$@train#trainer.add_event_handler(ignite.engine.Events.{event}, lambda e: torch.save("
