@@ -14,8 +14,8 @@ default is a small one, so that data loading shows. ``--loader``: ``device`` (th
 one resampling on the training device, ``sampling.DeviceTrainingLoader``) or ``monai`` (the MONAI transform chain in
 ``--num_workers`` worker processes, the path before it).
 
-``--compare`` (one sitting, warm cache, same stage, grid and network): the CPU milliseconds (process time, all
-threads) per training sample of the MONAI chain and of the device sampler, made in this process on ``--device``,
+``--compare`` (one sitting, warm cache, same stage, grid and network): the CPU milliseconds (process time, one
+torch thread) per training sample of the MONAI chain and of the device sampler, made in this process on ``--device``,
 then one training run per loader; it ends with the line ``cpu ms per sample: before X, after Y``.
 
 ``--cascade_estimate``: every stage trained for ``--epochs`` on the cohort with the device sampler; from the measured
@@ -125,9 +125,10 @@ def train_once(data: Path, root: Path, args, bundle: str, loader: str | None = N
 
 
 def cpu_ms_per_sample(data: Path, work: Path, args, bundle: str) -> dict:
-    """Process CPU milliseconds (all threads) per training sample, made in this process on ``args.device``: the MONAI
-    chain (its cached decoded cases, then crop, resize, deformation, intensity) against the device sampler, in
-    alternating rounds so that both see the same machine."""
+    """Process CPU milliseconds per training sample, made in this process on ``args.device`` with one torch thread
+    (as in a DataLoader worker; on a shared machine more threads mostly spin): the MONAI chain (its cached decoded
+    cases, then crop, resize, deformation, intensity) against the device sampler, in alternating rounds so that both
+    see the same machine."""
     workflow = stage_workflow(data, work / "bundles" / bundle, args, bundle, "device")
     workflow.initialize()
     parser = workflow.parser
@@ -135,6 +136,8 @@ def cpu_ms_per_sample(data: Path, work: Path, args, bundle: str) -> dict:
     loader = parser.get_parsed_content("train#device_loader")
     loader.prepare()
     cuda = args.device.startswith("cuda")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     spent = {"before": [], "after": []}
     walls = {"before": [], "after": []}
     position = 0
@@ -153,6 +156,7 @@ def cpu_ms_per_sample(data: Path, work: Path, args, bundle: str) -> dict:
                 spent[name].append(time.process_time() - cpu)
                 walls[name].append(time.perf_counter() - wall)
                 position += 1
+    torch.set_num_threads(threads)
     return {
         name: {"cpu_ms": round(1000 * sum(spent[name]) / len(spent[name]), 1),
                "wall_ms": round(1000 * sum(walls[name]) / len(walls[name]), 1), "samples": len(spent[name])}
