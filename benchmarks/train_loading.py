@@ -9,11 +9,25 @@ at the paper's 160^3 grid) is trained through its bundle three ways, each from a
 
 For each: setup seconds (building the in-memory dataset cache of the stage), then per epoch the training seconds
 (first batch requested to last iteration done, validation excluded) and the share of them spent waiting for the
-next batch (ignite's GET_BATCH_STARTED to GET_BATCH_COMPLETED). Augmentations run in ``--num_workers`` worker
-processes. ``--channels paper`` is the paper-size network; the default is a small one, so that data loading shows.
+next batch (ignite's GET_BATCH_STARTED to GET_BATCH_COMPLETED). ``--channels paper`` is the paper-size network; the
+default is a small one, so that data loading shows. ``--loader``: ``device`` (the bundles' default: each sample in
+one resampling on the training device, ``sampling.DeviceTrainingLoader``) or ``monai`` (the MONAI transform chain in
+``--num_workers`` worker processes, the path before it).
+
+``--compare`` (one sitting, warm cache, same stage, grid and network): the CPU milliseconds (process time, one
+torch thread) per training sample of the MONAI chain and of the device sampler, made in this process on ``--device``,
+then one training run per loader; it ends with the line ``cpu ms per sample: before X, after Y``.
+
+``--cascade_estimate``: every stage trained for ``--epochs`` on the cohort with the device sampler; from the measured
+seconds per training sample of each stage, the training time of the whole cascade on a FLARE22-sized cohort (50
+labelled cases, 10 of them validating: 40 training samples an epoch) for the configs' epochs (the paper's: 100 for
+the coarse stage, 120 for the others). The four refiners share grid and network: one is measured, counted four
+times. Validation passes are not in the estimate (measured: training epochs only).
 
     python benchmarks/train_loading.py --device cpu                      # small network, 2 epochs
+    python benchmarks/train_loading.py --device cpu --compare
     python benchmarks/train_loading.py --device cuda --channels paper --batch_size 2 --num_workers 8
+    python benchmarks/train_loading.py --device cuda --channels paper --batch_size 2 --cascade_estimate
 """
 
 from __future__ import annotations
@@ -67,21 +81,38 @@ class DataWait:
         self.epochs.append({"seconds": round(seconds, 2), "data_wait_share": round(self.wait / max(seconds, 1e-9), 3)})
 
 
-def train_once(data: Path, root: Path, args, bundle: str) -> dict:
-    settings = {
+OLD_LOADER = {"train#trainer#train_data_loader": "@train#dataloader"}  # the MONAI chain in worker processes
+
+
+def stage_settings(data: Path, args, loader: str) -> dict:
+    return {
         "dataset_dir": str(data), "num_val": 1, "max_epochs": args.epochs, "val_interval": args.epochs + 1,
         "batch_size": args.batch_size, "num_workers": args.num_workers, "spatial_size": [args.grid] * 3,
         "network_def#channels": args.channels, "device": f"$torch.device({args.device!r})",
         "train#dataset#progress": False, "validate#dataset#progress": False, "resume": False,
-        "elastic_prob": args.elastic_prob,
+        "elastic_prob": args.elastic_prob, **(OLD_LOADER if loader == "monai" else {}),
     }
+
+
+def stage_workflow(data: Path, root: Path, args, bundle: str, loader: str, stage: str | None = None):
     shutil.rmtree(root, ignore_errors=True)
     copy_bundle(bundle, root.parent)
-    workflow = _stage_workflow(StagePlan(args.stage, bundle), root, settings, distributed=False)
+    settings = stage_settings(data, args, loader)
+    organ = None
+    if bundle == STAGE_BUNDLES["refiner"]:
+        organ = "gallbladder"
+        settings["organ"] = organ
+    return _stage_workflow(StagePlan(stage or args.stage, bundle, organ), root, settings, distributed=False)
+
+
+def train_once(data: Path, root: Path, args, bundle: str, loader: str | None = None, stage: str | None = None) -> dict:
+    workflow = stage_workflow(data, root, args, bundle, loader or args.loader, stage)
     workflow.parser["val_interval"] = args.epochs + 1  # no validation: training epochs only
     workflow.initialize()
     started = time.perf_counter()
     trainer = workflow.parser.get_parsed_content("train#trainer")  # builds (and fills) the dataset cache
+    if hasattr(trainer.data_loader, "prepare"):  # the device sampler decodes its cases on first use: now
+        trainer.data_loader.prepare()
     setup = time.perf_counter() - started
     waits = DataWait(trainer, args.device)
     if args.device.startswith("cuda"):
@@ -91,6 +122,78 @@ def train_once(data: Path, root: Path, args, bundle: str) -> dict:
     if args.device.startswith("cuda"):
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return result
+
+
+def cpu_ms_per_sample(data: Path, work: Path, args, bundle: str) -> dict:
+    """Process CPU milliseconds per training sample, made in this process on ``args.device`` with one torch thread
+    (as in a DataLoader worker; on a shared machine more threads mostly spin): the MONAI chain (its cached decoded
+    cases, then crop, resize, deformation, intensity) against the device sampler, in alternating rounds so that both
+    see the same machine."""
+    workflow = stage_workflow(data, work / "bundles" / bundle, args, bundle, "device")
+    workflow.initialize()
+    parser = workflow.parser
+    dataset = parser.get_parsed_content("train#dataset")  # today's: decoded cases cached, the random tail per item
+    loader = parser.get_parsed_content("train#device_loader")
+    loader.prepare()
+    cuda = args.device.startswith("cuda")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spent = {"before": [], "after": []}
+    walls = {"before": [], "after": []}
+    position = 0
+    for _ in range(args.rounds):
+        for name in ("before", "after"):
+            for _ in range(args.samples):
+                case = position % len(dataset)
+                wall, cpu = time.perf_counter(), time.process_time()
+                if name == "before":
+                    item = dataset[case]
+                    torch.as_tensor(item["image"]).to(args.device), torch.as_tensor(item["label"]).to(args.device)
+                else:
+                    loader.sample(case, loader.draw(1, position, case))
+                if cuda:
+                    torch.cuda.synchronize()
+                spent[name].append(time.process_time() - cpu)
+                walls[name].append(time.perf_counter() - wall)
+                position += 1
+    torch.set_num_threads(threads)
+    return {
+        name: {"cpu_ms": round(1000 * sum(spent[name]) / len(spent[name]), 1),
+               "wall_ms": round(1000 * sum(walls[name]) / len(walls[name]), 1), "samples": len(spent[name])}
+        for name in spent
+    }
+
+
+PAPER_EPOCHS = {"coarse": 100}  # the configs' (the paper's) max_epochs; every other stage 120
+FLARE22_TRAINING_CASES = 40  # 50 labelled, 10 validating
+ESTIMATE_STAGES = ("coarse", "solid", "digestive", "vessels", "locator", "refiner")
+
+
+def cascade_estimate(data: Path, work: Path, args) -> dict:
+    """Measured: the training seconds per sample of each stage (its epochs on this cohort, the device sampler);
+    extrapolated: x 40 training samples an epoch x the stage's epochs (x 4 for the refiners)."""
+    grids = {"coarse": 128, "locator": 128, "refiner": 64}
+    stages = {}
+    for stage in ESTIMATE_STAGES:
+        bundle = STAGE_BUNDLES[stage]
+        stage_args = argparse.Namespace(**{**vars(args), "grid": grids.get(stage, args.grid) if args.paper_grids
+                                           else args.grid})
+        result = train_once(data, work / "bundles" / bundle, stage_args, bundle, "device", stage)
+        samples = args.cases - 1  # num_val 1
+        per_sample = [e["seconds"] / samples for e in result["epochs"]]
+        measured = min(per_sample[1:] or per_sample)  # the first epoch warms up (allocator, cudnn)
+        epochs = PAPER_EPOCHS.get(stage, 120)
+        copies = 4 if stage == "refiner" else 1
+        stages[stage] = {
+            "grid": stage_args.grid, "measured_seconds_per_sample": round(measured, 3),
+            "data_wait_share": result["epochs"][-1]["data_wait_share"], "epochs": epochs, "copies": copies,
+            "estimated_hours": round(measured * FLARE22_TRAINING_CASES * epochs * copies / 3600, 2),
+        }
+        if "peak_gpu_mb" in result:
+            stages[stage]["peak_gpu_mb"] = result["peak_gpu_mb"]
+        print(stage, json.dumps(stages[stage]), flush=True)
+    total = sum(s["estimated_hours"] for s in stages.values())
+    return {"stages": stages, "estimated_hours_total": round(total, 2)}
 
 
 def main():
@@ -106,6 +209,13 @@ def main():
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--elastic_prob", type=float, default=0.5, help="the configs' default: 0.5 (the paper's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--loader", default="device", choices=["device", "monai"])
+    parser.add_argument("--compare", action="store_true", help="before/after, one sitting (see above)")
+    parser.add_argument("--samples", type=int, default=4, help="--compare: samples per path and round")
+    parser.add_argument("--rounds", type=int, default=2, help="--compare: alternating rounds")
+    parser.add_argument("--cascade_estimate", action="store_true", help="the whole cascade's training time")
+    parser.add_argument("--paper_grids", action="store_true",
+                        help="--cascade_estimate: each stage at its config's grid (128 coarse/locator, 64 refiner)")
     args = parser.parse_args()
     args.channels = list(PAPER_CHANNELS) if args.channels == "paper" else [int(c) for c in args.channels.split(",")]
     work = Path(args.work)
@@ -116,6 +226,26 @@ def main():
         print(f"generated {args.cases} cases of {args.shape} in {time.perf_counter() - started:.0f} s", flush=True)
     bundle = STAGE_BUNDLES[args.stage]
     report = {"config": {k: v for k, v in vars(args).items() if k != "work"}, "device_name": _device_name(args.device)}
+    if args.compare or args.cascade_estimate:
+        cache = work / "cache"
+        prepare_cache(data, cache, progress=False)  # warm: both paths read the decoded cases
+        if args.cascade_estimate:
+            report["cascade_estimate"] = cascade_estimate(cache, work, args)
+            print(json.dumps(report, indent=2))
+            print(f"whole cascade, {FLARE22_TRAINING_CASES} training cases, the configs' epochs: "
+                  f"{report['cascade_estimate']['estimated_hours_total']} h on {report['device_name']} (extrapolated "
+                  "from measured seconds per sample; validation not included)")
+            if not args.compare:
+                return
+        report["per_sample"] = cpu_ms_per_sample(cache, work, args, bundle)
+        print("per sample", json.dumps(report["per_sample"]), flush=True)
+        for loader in ("monai", "device"):
+            report[loader] = train_once(cache, work / "bundles" / bundle, args, bundle, loader)
+            print(loader, json.dumps(report[loader]), flush=True)
+        print(json.dumps(report, indent=2))
+        before, after = report["per_sample"]["before"]["cpu_ms"], report["per_sample"]["after"]["cpu_ms"]
+        print(f"cpu ms per sample: before {before:.0f}, after {after:.0f}")
+        return
     report["gzip"] = train_once(data, work / "bundles" / bundle, args, bundle)
     print("gzip", json.dumps(report["gzip"]), flush=True)
     cache = work / "cache"

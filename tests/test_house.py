@@ -76,6 +76,7 @@ INTENDED_TRAIN_DIFFERENCES = {
         "imports", "jitter_margin_mm", "jitter_shift_mm", "max_epochs", "load_transforms", "label_transforms",
         "preprocessing_transforms", "loss#to_onehot_y", "train#crop", "validate#crop", "train#preprocessing",
         "validate#preprocessing", "train#postprocessing#transforms#1#argmax",
+        "train#device_loader#crop", "train#device_loader#load_transforms",  # no crop; loading before the resize
     ),
     # the abdomen's box (roi_labels) around the four small organs
     "flare22_small_locator": GRID_AND_ORGANS + ("roi_labels", "train#crop", "validate#crop"),

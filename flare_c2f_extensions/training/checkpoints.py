@@ -5,7 +5,8 @@ deletes the old file before writing the new one, so a kill at the wrong moment l
 :class:`AtomicCheckpointSaver` is the same handler writing to a temporary file renamed over the old one.
 
 :class:`TrainState` is the resumable part of a training: model, optimizer, learning-rate scheduler, the trainer's
-epoch and iteration (ignite state) and the best-model saver's record of the best metric so far, saved after every
+epoch and iteration (ignite state), the best-model saver's record of the best metric so far and (given the
+evaluator) the evaluator's best metric and its epoch, saved after every
 epoch (``train_state_checkpoint_epoch=N.pt``, the previous one removed once the new one is in place) and, with
 ``resume=True``, loaded back when the trainer starts (as MONAI's ``CheckpointLoader`` does), so the run continues
 with the epoch after the saved one. A saved state that does not fit (the network's widths or the optimizer changed
@@ -90,19 +91,42 @@ def _state_files(state_dir) -> list[Path]:
     return [p for p in folder.iterdir() if _STATE_FILE.match(p.name)] if folder.is_dir() else []
 
 
+BEST_METRIC_KEY = "evaluator_best"
+
+
+class _BestMetric:
+    """The evaluator's ``best_metric`` and ``best_metric_epoch`` (MONAI's ``Workflow`` state) as a checkpointable
+    object."""
+
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.evaluator.state.best_metric = float(state_dict["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+
+
 class TrainState:
     """Save the training state after every epoch into ``state_dir``; with ``resume`` load the latest one when the
     trainer starts.
 
     ``objects``: what to save besides the trainer itself, e.g. ``{"model": network, "optimizer": ...,
-    "lr_scheduler": ..., "best_model": <an AtomicCheckpointSaver>}``. Attach it after the learning-rate and
-    validation handlers, so that a saved epoch has had its scheduler step and its validation. Under
+    "lr_scheduler": ..., "best_model": <an AtomicCheckpointSaver>}``; ``evaluator``: the validation's evaluator,
+    whose best metric and its epoch are saved too (a state saved without them still loads). Attach it after the
+    learning-rate and validation handlers, so that a saved epoch has had its scheduler step and its validation. Under
     ``torch.distributed`` only rank 0 writes; every rank loads (``state_dir`` must be shared between machines).
     """
 
-    def __init__(self, state_dir: str, objects: dict, resume: bool = False, map_location=None, save_interval: int = 1):
+    def __init__(self, state_dir: str, objects: dict, resume: bool = False, map_location=None, save_interval: int = 1,
+                 evaluator=None):
         self.state_dir = str(state_dir)
         self.objects = dict(objects)
+        if evaluator is not None:  # its best metric and epoch: a resumed run compares against the same best
+            self.objects[BEST_METRIC_KEY] = _BestMetric(evaluator)
         self.resume = bool(resume)
         self.map_location = map_location
         self.save_interval = int(save_interval)
@@ -124,6 +148,8 @@ class TrainState:
         """MONAI's ``CheckpointLoader``, with a state that does not fit this run reported as an :class:`InputError`
         that says what to do."""
         checkpoint = torch.load(state, map_location=self.map_location, weights_only=True)
+        if BEST_METRIC_KEY not in checkpoint:  # saved before the evaluator's record was: the rest still fits
+            everything = {k: v for k, v in everything.items() if k != BEST_METRIC_KEY}
         max_epochs = engine.state.max_epochs  # this run's; loading the trainer's state replaces it
         try:
             Checkpoint.load_objects(to_load=everything, checkpoint=checkpoint, strict=True)
