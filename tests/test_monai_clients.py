@@ -193,3 +193,28 @@ def test_every_stage_bundle_runs_from_the_image_alone_and_names_what_it_writes(t
     names = parser["_meta_"]["network_data_format"]["outputs"]["pred"]["channel_def"]
     assert labels.shape == nib.load(str(ct)).shape
     assert set(np.unique(labels).tolist()) <= {int(k) for k in names} and "organ" not in json.dumps(names)
+
+
+@pytest.mark.parametrize("bundle", ["flare22_fine_solid", "flare22_small_refiner"])
+def test_a_stage_bundle_trains_on_the_data_a_monai_label_request_gives(cohort, bundle, tmp_path):
+    """MONAI Label's ``BundleTrainTask`` hands its datastore's cases to ``train#dataset#data`` and
+    ``validate#dataset#data`` and knows nothing of ``dataset_dir`` (issue 19, MONAI Label 0.8.5): the training must
+    read those cases, not the folder the config names (``/data/FLARE22``, which does not exist here)."""
+    from monai.bundle import ConfigWorkflow
+
+    from flare_c2f_extensions.io.discovery import labelled_cases
+
+    cases = labelled_cases(cohort)
+    root = tmp_path / bundle
+    shutil.copytree(BUNDLES / bundle / "configs", root / "configs")
+    requested = {"train#dataset#data": cases[:3], "validate#dataset#data": cases[3:],
+                 "spatial_size": [32, 32, 32], "network_def#channels": TINY_STAGES["solid"]["network_def"]["channels"],
+                 "batch_size": 2, "num_workers": 0, "max_epochs": 1, "val_interval": 1, "device": "cpu"}
+    workflow = ConfigWorkflow(config_file=str(root / "configs" / "train.json"), workflow_type="train",
+                              meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
+                              bundle_root=str(root), init_id=None, **requested)  # MONAI Label runs no initialize
+    workflow.initialize()
+    loader = workflow.parser.get_parsed_content("train#trainer").data_loader
+    assert sorted(item["image"] for item in loader.data) == sorted(case["image"] for case in cases[:3])
+    workflow.run()
+    assert list((root / "models").glob("model*.pt"))

@@ -64,6 +64,10 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     predicted = nib.load(str(tmp_path / "predictions" / first.name.replace("_0000.nii.gz", ".nii.gz")))
     assert np.array_equal(np.asarray(seg.dataobj), np.asarray(predicted.dataobj))
     assert (tmp_path / "bundles" / "flare22_cascade" / "models" / "model.pt").is_file()  # assembled for MONAI
+    # trained again (monai.bundle run, MONAI Label from models/model.pt): train.json builds the network it holds
+    for bundle, _ in QUICK_STAGES.values():
+        config = json.loads((tmp_path / "bundles" / bundle / "configs" / "train.json").read_text())
+        assert config["network_def"]["channels"] == TINY_CHANNELS and config["spatial_size"] == TINY_GRID, bundle
 
 
 def test_logs_to_file_restores_the_terminal(tmp_path, capsys):

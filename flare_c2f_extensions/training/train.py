@@ -264,12 +264,19 @@ def _set_id(config: dict, config_id: str, value) -> bool:
 
 def persist_inference_overrides(bundle_root: Path, overrides: Mapping) -> dict:
     """Write the overrides that concern inference (grid, network, margins...) into ``configs/inference.json`` of the
-    trained bundle, so that it loads its weights as trained. Returns what was written."""
+    trained bundle, so that it loads its weights as trained, and the same keys into ``configs/train.json``, so that
+    training it again (``monai.bundle run``, MONAI Label starting from ``models/model.pt``) builds that network.
+    Returns what was written into ``inference.json``."""
     path = bundle_root / "configs" / "inference.json"
     config = json.loads(path.read_text())
     written = {k: v for k, v in overrides.items() if k.split("#")[0] not in NOT_PERSISTED and _set_id(config, k, v)}
     if written:
         write_text_atomic(json.dumps(config, indent=4) + "\n", path)
+        train_path = bundle_root / "configs" / "train.json"
+        if train_path.is_file():
+            train_config = json.loads(train_path.read_text())
+            if [_set_id(train_config, k, v) for k, v in written.items()].count(True):
+                write_text_atomic(json.dumps(train_config, indent=4) + "\n", train_path)
     return written
 
 
