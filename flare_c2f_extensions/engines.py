@@ -17,6 +17,14 @@ the same folder.
 
 Precision follows the cascade's ``amp``: with ``amp`` OpenVINO keeps its default inference precision (bf16 on
 CPUs with native bf16, like torch's bf16 autocast; f32 elsewhere); without it f32.
+
+One answer whatever the thread count: OpenVINO's CPU plugin runs an instance norm (MVN) in its input's layout, and
+after a convolution that is channels-last, where each channel's voxels are split between the inference threads and
+their partial sums added, so the means and variances, and through them near-tied voxels, depended on
+``INFERENCE_NUM_THREADS`` (1 against 2 threads agreed on about 96% of a random-weight cascade's voxels). Every
+converted model has its norms rewritten (:func:`fixed_order_norms`) to run on a planar ``(N, C, voxels)`` view,
+where one thread sums each channel in one order: the logits, in f32 and bf16, are then bitwise the same for any
+thread count at the cascade's grids (``benchmarks/engine_agreement.py`` measures it and the cost, about nothing).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from .files import remembered_sha256, usual_mode, write_text_atomic
 logger = logging.getLogger(__name__)
 
 ENGINES = ("torch", "openvino", "auto")
+GRAPH_REWRITES = "fixed-order-norms-1"  # in the IR cache key: what _convert does to a model besides reshaping it
 
 
 class EngineError(InputError):
@@ -111,6 +120,7 @@ def openvino_cache_key(checkpoint: str | os.PathLike, network_config, spatial_si
         "network": network_config,
         "spatial_size": [int(s) for s in spatial_size],
         "openvino": openvino.__version__,
+        "graph": GRAPH_REWRITES,  # an IR converted before a rewrite changed is converted again
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -187,7 +197,44 @@ def _convert(network: torch.nn.Module, spatial_size: Sequence[int]):
     with torch.no_grad():
         model = openvino.convert_model(network.cpu().float().eval(), example_input=example)
     model.reshape([1, 1, *grid])
+    fixed_order_norms(model)
     return model
+
+
+
+def fixed_order_norms(model) -> int:
+    """Rewrite each per-channel normalisation of ``model`` (an MVN over all spatial axes: instance norm) in place so
+    that its sums do not depend on the thread count; returns how many were rewritten.
+
+    OpenVINO's CPU plugin runs MVN in its input's layout. After a convolution that layout is channels-last, where
+    the kernel gives each inference thread a share of every channel's voxels and adds the threads' partial sums: a
+    different thread count adds in a different order. On a ``(N, C, voxels)`` view (a reshape, which the plugin
+    feeds a planar tensor) each channel is summed by one thread from its first voxel to its last. The reshapes cost
+    two reorders per norm, within the noise of a paper-size pass (``benchmarks/engine_agreement.py --cost``).
+    """
+    import numpy as np
+    import openvino.opset13 as ops
+
+    rewritten = 0
+    for mvn in list(model.get_ordered_ops()):
+        if mvn.get_type_name() != "MVN":
+            continue
+        data, axes = mvn.input_value(0), mvn.input_value(1).get_node()
+        rank = data.get_partial_shape().rank
+        if rank.is_dynamic or rank.get_length() < 4 or axes.get_type_name() != "Constant":
+            continue
+        rank = rank.get_length()
+        if sorted(int(a) % rank for a in axes.get_data().ravel()) != list(range(2, rank)):
+            continue  # not per channel over every spatial axis: left as it is
+        attributes = mvn.get_attributes()
+        flat = ops.reshape(data, ops.constant(np.array([0, 0, -1], np.int64)), special_zero=True)
+        normalised = ops.mvn(flat, ops.constant(np.array([2], np.int64)), attributes["normalize_variance"],
+                             attributes["eps"], attributes["eps_mode"])
+        back = ops.reshape(normalised, ops.shape_of(data), special_zero=False)
+        back.set_friendly_name(mvn.get_friendly_name())
+        mvn.output(0).replace(back.output(0))
+        rewritten += 1
+    return rewritten
 
 
 def cached_openvino_ir(key: str | None) -> Path | None:
@@ -285,6 +332,7 @@ __all__ = [
     "cache_root",
     "cached_openvino_ir",
     "checkpoint_sha256",
+    "fixed_order_norms",
     "openvino_available",
     "openvino_cache_key",
     "openvino_engine",
