@@ -86,6 +86,15 @@ def resolve_engine(engine: str | None, device: torch.device | str) -> str:
     return engine
 
 
+def thread_invariant(engine: str, device: torch.device | str) -> bool:
+    """Whether a cascade run on ``engine`` (as :class:`~flare_c2f_extensions.cascade.Cascade` names it: ``torch``,
+    ``openvino``, ``mixed``) gives the same label maps whatever the thread count, and so whatever the number of
+    ``torchrun`` ranks and the order of cases. On a CPU both engines do, in f32 and bf16 (OpenVINO since its norms
+    are rewritten: :func:`fixed_order_norms`; measured by ``tests/test_thread_invariance.py`` and
+    ``benchmarks/engine_agreement.py``). On CUDA nothing is promised: cuDNN picks its algorithms by timing."""
+    return torch.device(device).type == "cpu" and engine in ("torch", "openvino", "mixed")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("FLARE_C2F_CACHE") or Path.home() / ".cache" / "flare_c2f")
 
@@ -337,4 +346,5 @@ __all__ = [
     "openvino_cache_key",
     "openvino_engine",
     "resolve_engine",
+    "thread_invariant",
 ]

@@ -368,6 +368,7 @@ def _environment(segmenter: Segmenter) -> dict:
     import monai
     import torch
 
+    from .engines import thread_invariant
     from .version import __version__
 
     cascade = segmenter.cascade
@@ -378,6 +379,8 @@ def _environment(segmenter: Segmenter) -> dict:
         "python": platform.python_version(),
         "device": str(cascade.device),
         "threads": torch.get_num_threads(),
+        "engine": cascade.engine,
+        "thread_invariant": thread_invariant(cascade.engine, cascade.device),  # the same maps for any thread count
         "amp": cascade.amp,
         "coarse_amp": cascade.coarse_amp,
         "organs": [ORGANS[o] for o in segmenter.organs],

@@ -1,8 +1,15 @@
 """One answer whatever the thread count: the default CPU engine (OpenVINO) gives bitwise the same logits and label
-maps with 1 and 2 inference threads, in f32 and bf16, from a freshly converted model and from the cache."""
+maps with 1 and 2 inference threads, in f32 and bf16, from a freshly converted model and from the cache; two
+``torchrun`` ranks write what one process with every core writes."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
 import numpy as np
 import openvino  # noqa: F401  (a dependency: these tests must not skip)
 import pytest
@@ -13,9 +20,9 @@ from flare_c2f_extensions.cascade import Cascade
 from flare_c2f_extensions.networks import ResUNetASPP
 from flare_c2f_extensions.stages import default_amp, load_stage
 
-from helpers import BUNDLES, TINY_CHANNELS, TINY_GRID, TINY_STAGES
+from helpers import BUNDLES, CLI_TIMEOUT_S, REPO, TINY_CHANNELS, TINY_GRID, TINY_STAGES
 
-BIG_ORGANS = ("coarse", "solid", "digestive", "vessels")
+SOLID = "liver,right_kidney,spleen,left_kidney"  # two stages (coarse, solid); liver alone hides the near-ties
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +89,34 @@ def test_default_cascade_label_maps_are_the_same_for_one_and_two_threads(cohort,
     assert len(np.unique(maps[1])) > 2  # random weights: many labels, near-ties everywhere
     assert np.mean(maps[1] == maps[2]) == 1.0, f"{np.mean(maps[1] == maps[2]):.6f} of voxels agree"
 
+
+
+def test_sharded_segment_equals_one_process_with_every_core(cohort, tmp_path, threads):
+    """Two ``torchrun`` ranks (a thread each) against one process with every core (the default thread count; run in
+    this process, as ``flare-c2f segment`` runs it, to spare a start-up)."""
+    from flare_c2f_extensions.segmenter import run_segment
+
+    images = tmp_path / "images"  # two cases: one a rank
+    images.mkdir()
+    for image in sorted((cohort / "imagesTr").glob("*.nii.gz"))[:2]:
+        (images / image.name).symlink_to(image)
+    cores = len(os.sched_getaffinity(0))
+    report = run_segment(str(images), str(tmp_path / "one"), device="cpu", threads=cores, engine="openvino",
+                         require_weights=False, organs=SOLID, stage_overrides=TINY_STAGES, progress=False)
+    assert report["threads"] == cores and report["engine"] == "openvino" and report["thread_invariant"] is True
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(tmp_path / "logs"), "--redirects", "3", "-m", "flare_c2f_extensions", "segment",
+               "-i", str(images), "-o", str(tmp_path / "two"), "--device", "cpu", "--engine", "openvino",
+               "--require_weights", "false", "--organs", SOLID, "--stage_overrides", json.dumps(TINY_STAGES)]
+    two = subprocess.run(command, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=env)
+    errors = "\n".join(p.read_text()[-3000:] for p in (tmp_path / "logs").rglob("stderr.log"))
+    assert two.returncode == 0, two.stderr[-3000:] + errors
+    sharded = json.loads((tmp_path / "two" / "segment_report.json").read_text())
+    assert sharded["world_size"] == 2 and [rank["threads"] for rank in sharded["ranks"]] == [max(1, cores // 2)] * 2
+    written = sorted(p.name for p in (tmp_path / "one").glob("FLARE22_*.nii.gz"))
+    assert written == sorted(p.name for p in (tmp_path / "two").glob("FLARE22_*.nii.gz")) and len(written) == 2
+    for name in written:
+        expected = np.asarray(nib.load(str(tmp_path / "one" / name)).dataobj)
+        got = np.asarray(nib.load(str(tmp_path / "two" / name)).dataobj)
+        assert expected.any() and np.mean(expected == got) == 1.0, f"{name}: {np.mean(expected == got):.6f} agree"
