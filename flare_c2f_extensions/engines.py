@@ -49,7 +49,8 @@ from .files import remembered_sha256, usual_mode, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("torch", "openvino", "auto")
+INT8 = "openvino-int8"  # opt-in: OpenVINO with NNCF post-training quantisation (flare_c2f_extensions.int8)
+ENGINES = ("torch", "openvino", INT8, "auto")
 GRAPH_REWRITES = "fixed-order-norms-1"  # in the IR cache key: what _convert does to a model besides reshaping it
 
 
@@ -66,33 +67,46 @@ def openvino_available() -> bool:
     return True
 
 
+def nncf_available() -> bool:
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_engine(engine: str | None, device: torch.device | str) -> str:
-    """``torch`` or ``openvino`` for ``engine`` (``torch``, ``openvino``, ``auto``; ``None`` is ``auto``) on
-    ``device``; :class:`EngineError` with what to do when the choice cannot run."""
+    """``torch``, ``openvino`` or ``openvino-int8`` for ``engine`` (those, or ``auto``; ``None`` is ``auto``) on
+    ``device``; :class:`EngineError` with what to do when the choice cannot run. ``auto`` never picks INT8."""
     engine = "auto" if engine is None else str(engine).lower()
     device = torch.device(device)
     if engine not in ENGINES:
         raise EngineError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     if engine == "auto":
         return "openvino" if device.type == "cpu" and openvino_available() else "torch"
-    if engine == "openvino":
+    if engine in ("openvino", INT8):
         if device.type != "cpu":
-            raise EngineError(f"the openvino engine runs on the CPU only, not on {device} (use engine torch)")
+            raise EngineError(f"the {engine} engine runs on the CPU only, not on {device} (use engine torch)")
         if not openvino_available():
             raise EngineError(
                 "engine openvino asked for, but the openvino package is not installed: "
                 "pip install 'flare-c2f-extensions[openvino]' (or pip install openvino), or use engine torch"
             )
+    if engine == INT8 and not nncf_available():
+        raise EngineError(
+            f"engine {INT8} asked for, but the nncf package (which quantises the models) is not installed: "
+            "pip install 'flare-c2f-extensions[int8]' (or pip install nncf), or use engine openvino"
+        )
     return engine
 
 
 def thread_invariant(engine: str, device: torch.device | str) -> bool:
     """Whether a cascade run on ``engine`` (as :class:`~flare_c2f_extensions.cascade.Cascade` names it: ``torch``,
     ``openvino``, ``mixed``) gives the same label maps whatever the thread count, and so whatever the number of
-    ``torchrun`` ranks and the order of cases. On a CPU both engines do, in f32 and bf16 (OpenVINO since its norms
-    are rewritten: :func:`fixed_order_norms`; measured by ``tests/test_thread_invariance.py`` and
+    ``torchrun`` ranks and the order of cases. On a CPU every engine does, in f32, bf16 and INT8 (OpenVINO since its
+    norms are rewritten: :func:`fixed_order_norms`; measured by ``tests/test_thread_invariance.py`` and
     ``benchmarks/engine_agreement.py``). On CUDA nothing is promised: cuDNN picks its algorithms by timing."""
-    return torch.device(device).type == "cpu" and engine in ("torch", "openvino", "mixed")
+    return torch.device(device).type == "cpu" and engine in ("torch", "openvino", INT8, "mixed")
 
 
 def cache_root() -> Path:
@@ -152,12 +166,17 @@ class TorchEngine:
 
 class OpenVINOEngine:
     """Logits of a compiled OpenVINO model (CPU), as a float32 torch tensor. ``compiled``: the compiled model, or a
-    :class:`~concurrent.futures.Future` of it (compiled in the background), awaited at the first call."""
+    :class:`~concurrent.futures.Future` of it (compiled in the background), awaited at the first call. ``source``:
+    the model it was compiled from (the cached IR's ``model.xml``, or the converted ``openvino.Model``) and ``key``
+    its cache key (``None``: not cached), for :mod:`~flare_c2f_extensions.int8`, which quantises it."""
 
     name = "openvino"
 
-    def __init__(self, compiled):
+    def __init__(self, compiled, source=None, key: str | None = None, name: str | None = None):
         self._compiled = compiled
+        self.source, self.key = source, key
+        if name is not None:
+            self.name = name
         self._request = None
         # one infer request runs one call at a time ("Infer Request is busy"): callers on other threads wait their
         # turn; each call uses every inference thread anyway
@@ -322,7 +341,7 @@ def openvino_engine(
     started = time.perf_counter()
     xml = cached_openvino_ir(key)
     if xml is not None:
-        return OpenVINOEngine(_compile_in_background(name, xml, amp))
+        return OpenVINOEngine(_compile_in_background(name, xml, amp), xml, key)
     if network_factory is None:
         raise EngineError(f"{name}: no cached OpenVINO model and no network to convert")
     model = _convert(network_factory(), spatial_size)
@@ -330,12 +349,13 @@ def openvino_engine(
         _save_ir(model, key)
     compiled = _compile(model, amp)
     logger.info("%s: converted to OpenVINO in %.1f s", name, time.perf_counter() - started)
-    return OpenVINOEngine(compiled)
+    return OpenVINOEngine(compiled, cached_openvino_ir(key) or model, key)  # the model itself only if uncached
 
 
 __all__ = [
     "ENGINES",
     "EngineError",
+    "INT8",
     "OpenVINOEngine",
     "TorchEngine",
     "cache_root",
@@ -344,6 +364,7 @@ __all__ = [
     "fixed_order_norms",
     "openvino_available",
     "openvino_cache_key",
+    "nncf_available",
     "openvino_engine",
     "resolve_engine",
     "thread_invariant",

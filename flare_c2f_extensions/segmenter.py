@@ -133,6 +133,7 @@ def load_cascade(
     engine: str | None = "auto",
     max_voxels="default",
     parsers: Mapping | None = None,
+    calibration=None,
 ):
     """The cascade with the stages ``organs`` need, and the stages that run with random weights (no checkpoint,
     ``require_weights=False``: for timing). ``seed`` seeds their initialisation, so such runs repeat exactly.
@@ -159,7 +160,7 @@ def load_cascade(
         torch.manual_seed(int(seed))
         cascade = Cascade.from_bundles(
             device=device, amp=amp, stage_overrides=overrides, stage_dirs=dirs, require_weights=require_weights,
-            organs=organs, engine=engine, max_voxels=limit, parsers=parsers,
+            organs=organs, engine=engine, max_voxels=limit, parsers=parsers, calibration=calibration,
         )
     finally:
         stages_logger.removeFilter(quiet)
@@ -190,6 +191,7 @@ class Segmenter:
         max_voxels="default",
         override=None,
         stage_parsers=None,
+        calibration=None,
     ):
         import torch
 
@@ -203,7 +205,7 @@ class Segmenter:
         self.seed = parse_seed(seed)
         self.cascade, self.random_weight_stages = load_cascade(
             self.organs, device, amp, bundles_dir, stage_dirs, stage_overrides,
-            as_bool(require_weights, "require_weights"), self.seed, engine, max_voxels, stage_parsers,
+            as_bool(require_weights, "require_weights"), self.seed, engine, max_voxels, stage_parsers, calibration,
         )
 
     def labels_options(self) -> dict:
@@ -423,7 +425,10 @@ def run_segment(
         for image, _ in images:
             check_source(image)
     device = parse_device(options.get("device"))
-    resolve_engine(options.get("engine", "auto"), device or ("cuda" if _cuda() else "cpu"))
+    if resolve_engine(options.get("engine", "auto"), device or ("cuda" if _cuda() else "cpu")) == "openvino-int8":
+        from .int8 import check_calibration
+
+        check_calibration(options.get("calibration"))
     parse_threads(options.get("threads"))
     parse_seed(options.get("seed", 0))
     parse_max_voxels(options.get("max_voxels", "default"))
