@@ -383,6 +383,7 @@ def _environment(segmenter: Segmenter) -> dict:
         "threads": torch.get_num_threads(),
         "engine": cascade.engine,
         "thread_invariant": thread_invariant(cascade.engine, cascade.device),  # the same maps for any thread count
+        **({"calibration": cascade.calibration} if cascade.calibration else {}),  # openvino-int8's
         "amp": cascade.amp,
         "coarse_amp": cascade.coarse_amp,
         "organs": [ORGANS[o] for o in segmenter.organs],
