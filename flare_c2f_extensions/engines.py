@@ -182,6 +182,11 @@ class OpenVINOEngine:
         # turn; each call uses every inference thread anyway
         self._lock = threading.Lock()
 
+    def discard(self) -> None:
+        """Not needed after all: a background compilation that has not started is cancelled."""
+        if isinstance(self._compiled, Future):
+            self._compiled.cancel()
+
     @property
     def compiled(self):
         if isinstance(self._compiled, Future):

@@ -145,6 +145,7 @@ def quantise_cascade(cascade, calibration: str | os.PathLike | None, settings: d
         key, amp = keys[id(stage)]
         xml = cached_openvino_ir(key)
         if xml is not None:
+            stage.engine.discard()  # its unquantised model is not compiled (its turn on the compile thread) for nothing
             stage.engine = OpenVINOEngine(_compile_in_background(stage.name, xml, amp), xml, key, name=INT8)
             continue
         inputs = samples.get(id(stage), [])
