@@ -7,7 +7,7 @@ quickstart's generator (its own two held-out cases first). ``--paper``: timing o
 the bundles' grids, calibrated on two generated CTs.
 
     python benchmarks/int8_engine.py --quickstart /tmp/qs --held_out 6
-    python benchmarks/int8_engine.py --paper --shape 256,256,160
+    python benchmarks/int8_engine.py --paper --shape 256,256,160 --organs liver --held_out 2
 
 The first INT8 build quantises every stage (its seconds are printed); the cases are timed warm, the engines
 alternating case by case.
@@ -34,11 +34,11 @@ from flare_c2f_extensions.phantom import write_cohort
 from flare_c2f_extensions.stages import default_amp
 
 
-def build(engine, amp, overrides, small_organs, calibration=None, require_weights=True):
+def build(engine, amp, overrides, small_organs, calibration=None, require_weights=True, organs=None):
     started = time.perf_counter()
     torch.manual_seed(0)
     cascade = Cascade.from_bundles(BUNDLES_DIR, device="cpu", amp=amp, engine=engine, stage_overrides=overrides,
-                                   small_organs=small_organs, calibration=calibration,
+                                   small_organs=small_organs, calibration=calibration, organs=organs,
                                    require_weights=require_weights)
     return cascade, time.perf_counter() - started
 
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--shape", default="96,96,64")
     parser.add_argument("--paper", action="store_true", help="timing only: paper-size random weights")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes over the cases")
+    parser.add_argument("--organs", default=None, help="only the stages these organs need, e.g. liver")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flare_c2f_extensions.int8").setLevel(logging.INFO)
@@ -61,11 +62,13 @@ def main() -> None:
     os.environ.setdefault("FLARE_C2F_CACHE", str(work / "cache"))
     shape = tuple(int(s) for s in args.shape.split(","))
     quickstart = Path(args.quickstart) if args.quickstart else None
+    organs = args.organs.split(",") if args.organs else None
     if args.paper:
         data = work / "paper"
         if not (data / "imagesTs").is_dir():
             write_cohort(data, n=2, n_test=args.held_out, seed=11, shape=shape)
-        overrides, small_organs, require = {}, None, False
+        overrides = small_weights.random_overrides(work, paper=True, organs=organs)
+        small_organs, require = None, False
     else:
         data = quickstart / "data" if quickstart else small_weights.cohort(work, 8, args.held_out, shape)
         overrides, small_organs = small_weights.trained_overrides(work, data, quickstart)
@@ -82,7 +85,7 @@ def main() -> None:
     cascades = {}
     for name, (engine, amp) in variants.items():
         calibration = data / "imagesTr" if engine == "openvino-int8" else None
-        cascades[name], seconds = build(engine, amp, overrides, small_organs, calibration, require)
+        cascades[name], seconds = build(engine, amp, overrides, small_organs, calibration, require, organs)
         print(f"{name}: built in {seconds:.1f} s", flush=True)
     for cascade in cascades.values():
         cascade.segment(cases[0])  # warm: compiled models awaited, first-call set-up

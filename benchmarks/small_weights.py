@@ -15,6 +15,7 @@ from flare_c2f_extensions.cascade import Cascade
 from flare_c2f_extensions.paths import BUNDLES_DIR
 from flare_c2f_extensions.phantom import write_cohort
 from flare_c2f_extensions.quickstart import QUICK_NETWORK, QUICK_STAGES, train_stages
+from flare_c2f_extensions.stages import needed_stages
 
 # trained here when no quickstart is given: the big-organ stages (no locator or refiners), quickstart grids, fewer
 # epochs (about two minutes on two cores; the organs come out, the small ones are not attempted)
@@ -37,18 +38,21 @@ def quickstart_overrides(quickstart: Path) -> dict:
     }
 
 
-def random_overrides(work: Path, seed: int = 0, small_organs=None) -> dict:
-    """Seeded random weights at the quickstart's network and grids, saved as checkpoints (so that the default
-    engine, OpenVINO, runs them from its cache as it runs trained ones)."""
+def random_overrides(work: Path, seed: int = 0, small_organs=None, paper: bool = False, organs=None) -> dict:
+    """Seeded random weights at the quickstart's network and grids (``paper``: the bundles' own, paper-size), saved
+    as checkpoints (so that the default engine, OpenVINO, runs them from its cache as it runs trained ones)."""
     settings = {name: {"spatial_size": s["spatial_size"], **QUICK_NETWORK} for name, (_, s) in QUICK_STAGES.items()}
-    folder = work / f"random_{seed}"
+    if paper:
+        settings = {name: {} for name in settings}
+    folder = work / f"random_{'paper_' if paper else ''}{seed}"
     overrides = {name: {**s, "ckpt_path": str(folder / f"{name}.pt")} for name, s in settings.items()}
-    if all(Path(o["ckpt_path"]).is_file() for o in overrides.values()):
+    needed = {name for name, _ in needed_stages(organs, small_organs)}
+    if all(Path(overrides[name]["ckpt_path"]).is_file() for name in needed):
         return overrides
     torch.manual_seed(seed)
     logging.getLogger("flare_c2f_extensions.stages").setLevel(logging.ERROR)  # "random initialisation": meant
     random = Cascade.from_bundles(BUNDLES_DIR, device="cpu", stage_overrides=settings, require_weights=False,
-                                  small_organs=small_organs, engine="torch")
+                                  small_organs=small_organs, organs=organs, engine="torch")
     folder.mkdir(parents=True, exist_ok=True)
     for stage in random.stages:  # every refiner has the same shape: the last one's weights serve them all
         torch.save(stage.network.state_dict(), folder / f"{stage.name}.pt")
