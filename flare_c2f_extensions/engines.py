@@ -105,7 +105,10 @@ def thread_invariant(engine: str, device: torch.device | str) -> bool:
     ``openvino``, ``mixed``) gives the same label maps whatever the thread count, and so whatever the number of
     ``torchrun`` ranks and the order of cases. On a CPU every engine does, in f32, bf16 and INT8 (OpenVINO since its
     norms are rewritten: :func:`fixed_order_norms`; measured by ``tests/test_thread_invariance.py`` and
-    ``benchmarks/engine_agreement.py``). On CUDA nothing is promised: cuDNN picks its algorithms by timing."""
+    ``benchmarks/engine_agreement.py``). On CUDA nothing is promised: cuDNN picks its algorithms by timing.
+    Measured, not proven: in bf16 oneDNN's blocking of a few convolution shapes follows the thread count (a 384 to
+    192 channel 3x3x3 convolution on a 10^3 or 12^3 grid, which a paper-size network meets at 80^3 or 96^3 stage
+    grids), so a grid override off the bundles' 64, 128 and 160 can bring bf16 differences back."""
     return torch.device(device).type == "cpu" and engine in ("torch", "openvino", INT8, "mixed")
 
 
