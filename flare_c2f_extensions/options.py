@@ -204,8 +204,9 @@ class SegmentOptions:
     the CPU; ``amp``: ``None`` chooses by device; ``threads``: torch's intra-op threads (``None``: as they are);
     ``bundles_dir`` / ``stage_dirs``: where the stages come from; ``overrides``: config overrides per stage;
     ``require_weights``: ``False`` runs stages without a checkpoint on random weights seeded by ``seed`` (timing);
-    ``engine``: ``auto``, ``torch`` or ``openvino``; ``max_voxels``: the largest input (``"default"``: the cascade's
-    limit, ``None``: none).
+    ``engine``: ``auto``, ``torch``, ``openvino`` or ``openvino-int8``; ``max_voxels``: the largest input
+    (``"default"``: the cascade's limit, ``None``: none); ``calibration``: the CTs (a folder or datalist) that
+    calibrate ``openvino-int8``.
     """
 
     organs: tuple[int, ...] = tuple(ORGANS)
@@ -219,6 +220,7 @@ class SegmentOptions:
     seed: int = 0
     engine: str = "auto"
     max_voxels: int | str | None = "default"
+    calibration: str | None = None
 
     @classmethod
     def parse(
@@ -235,6 +237,7 @@ class SegmentOptions:
         seed=0,
         engine="auto",
         max_voxels="default",
+        calibration=None,
     ) -> SegmentOptions:
         """The options from what a command line, a Python caller or a config gives; one :class:`InputError` naming
         the option for a value that cannot be used. ``stage_overrides`` (a mapping, JSON or file) and ``override``
@@ -251,4 +254,5 @@ class SegmentOptions:
             seed=parse_seed(seed),
             engine="auto" if engine is None else str(engine),
             max_voxels=parse_max_voxels(max_voxels),
+            calibration=None if calibration in (None, "") else str(calibration),
         )

@@ -17,6 +17,14 @@ the same folder.
 
 Precision follows the cascade's ``amp``: with ``amp`` OpenVINO keeps its default inference precision (bf16 on
 CPUs with native bf16, like torch's bf16 autocast; f32 elsewhere); without it f32.
+
+One answer whatever the thread count: OpenVINO's CPU plugin runs an instance norm (MVN) in its input's layout, and
+after a convolution that is channels-last, where each channel's voxels are split between the inference threads and
+their partial sums added, so the means and variances, and through them near-tied voxels, depended on
+``INFERENCE_NUM_THREADS`` (1 against 2 threads agreed on about 96% of a random-weight cascade's voxels). Every
+converted model has its norms rewritten (:func:`fixed_order_norms`) to run on a planar ``(N, C, voxels)`` view,
+where one thread sums each channel in one order: the logits, in f32 and bf16, are then bitwise the same for any
+thread count at the cascade's grids (``benchmarks/engine_agreement.py`` measures it and the cost, about nothing).
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ from flare_c2f_extensions.io.files import remembered_sha256, usual_mode, write_t
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("torch", "openvino", "auto")
+INT8 = "openvino-int8"  # opt-in: OpenVINO with NNCF post-training quantisation (flare_c2f_extensions.int8)
+ENGINES = ("torch", "openvino", INT8, "auto")
+GRAPH_REWRITES = "fixed-order-norms-1"  # in the IR cache key: what _convert does to a model besides reshaping it
 
 
 class EngineError(InputError):
@@ -57,24 +67,49 @@ def openvino_available() -> bool:
     return True
 
 
+def nncf_available() -> bool:
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_engine(engine: str | None, device: torch.device | str) -> str:
-    """``torch`` or ``openvino`` for ``engine`` (``torch``, ``openvino``, ``auto``; ``None`` is ``auto``) on
-    ``device``; :class:`EngineError` with what to do when the choice cannot run."""
+    """``torch``, ``openvino`` or ``openvino-int8`` for ``engine`` (those, or ``auto``; ``None`` is ``auto``) on
+    ``device``; :class:`EngineError` with what to do when the choice cannot run. ``auto`` never picks INT8."""
     engine = "auto" if engine is None else str(engine).lower()
     device = torch.device(device)
     if engine not in ENGINES:
         raise EngineError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     if engine == "auto":
         return "openvino" if device.type == "cpu" and openvino_available() else "torch"
-    if engine == "openvino":
+    if engine in ("openvino", INT8):
         if device.type != "cpu":
-            raise EngineError(f"the openvino engine runs on the CPU only, not on {device} (use engine torch)")
+            raise EngineError(f"the {engine} engine runs on the CPU only, not on {device} (use engine torch)")
         if not openvino_available():
             raise EngineError(
                 "engine openvino asked for, but the openvino package is not installed: "
                 "pip install 'flare-c2f-extensions[openvino]' (or pip install openvino), or use engine torch"
             )
+    if engine == INT8 and not nncf_available():
+        raise EngineError(
+            f"engine {INT8} asked for, but the nncf package (which quantises the models) is not installed: "
+            "pip install 'flare-c2f-extensions[int8]' (or pip install nncf), or use engine openvino"
+        )
     return engine
+
+
+def thread_invariant(engine: str, device: torch.device | str) -> bool:
+    """Whether a cascade run on ``engine`` (as :class:`~flare_c2f_extensions.cascade.Cascade` names it: ``torch``,
+    ``openvino``, ``mixed``) gives the same label maps whatever the thread count, and so whatever the number of
+    ``torchrun`` ranks and the order of cases. On a CPU every engine does, in f32, bf16 and INT8 (OpenVINO since its
+    norms are rewritten: :func:`fixed_order_norms`; measured by ``tests/test_thread_invariance.py`` and
+    ``benchmarks/engine_agreement.py``). On CUDA nothing is promised: cuDNN picks its algorithms by timing.
+    Measured, not proven: in bf16 oneDNN's blocking of a few convolution shapes follows the thread count (a 384 to
+    192 channel 3x3x3 convolution on a 10^3 or 12^3 grid, which a paper-size network meets at 80^3 or 96^3 stage
+    grids), so a grid override off the bundles' 64, 128 and 160 can bring bf16 differences back."""
+    return torch.device(device).type == "cpu" and engine in ("torch", "openvino", INT8, "mixed")
 
 
 def cache_root() -> Path:
@@ -111,6 +146,7 @@ def openvino_cache_key(checkpoint: str | os.PathLike, network_config, spatial_si
         "network": network_config,
         "spatial_size": [int(s) for s in spatial_size],
         "openvino": openvino.__version__,
+        "graph": GRAPH_REWRITES,  # an IR converted before a rewrite changed is converted again
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -133,16 +169,26 @@ class TorchEngine:
 
 class OpenVINOEngine:
     """Logits of a compiled OpenVINO model (CPU), as a float32 torch tensor. ``compiled``: the compiled model, or a
-    :class:`~concurrent.futures.Future` of it (compiled in the background), awaited at the first call."""
+    :class:`~concurrent.futures.Future` of it (compiled in the background), awaited at the first call. ``source``:
+    the model it was compiled from (the cached IR's ``model.xml``, or the converted ``openvino.Model``) and ``key``
+    its cache key (``None``: not cached), for :mod:`~flare_c2f_extensions.int8`, which quantises it."""
 
     name = "openvino"
 
-    def __init__(self, compiled):
+    def __init__(self, compiled, source=None, key: str | None = None, name: str | None = None):
         self._compiled = compiled
+        self.source, self.key = source, key
+        if name is not None:
+            self.name = name
         self._request = None
         # one infer request runs one call at a time ("Infer Request is busy"): callers on other threads wait their
         # turn; each call uses every inference thread anyway
         self._lock = threading.Lock()
+
+    def discard(self) -> None:
+        """Not needed after all: a background compilation that has not started is cancelled."""
+        if isinstance(self._compiled, Future):
+            self._compiled.cancel()
 
     @property
     def compiled(self):
@@ -187,7 +233,44 @@ def _convert(network: torch.nn.Module, spatial_size: Sequence[int]):
     with torch.no_grad():
         model = openvino.convert_model(network.cpu().float().eval(), example_input=example)
     model.reshape([1, 1, *grid])
+    fixed_order_norms(model)
     return model
+
+
+
+def fixed_order_norms(model) -> int:
+    """Rewrite each per-channel normalisation of ``model`` (an MVN over all spatial axes: instance norm) in place so
+    that its sums do not depend on the thread count; returns how many were rewritten.
+
+    OpenVINO's CPU plugin runs MVN in its input's layout. After a convolution that layout is channels-last, where
+    the kernel gives each inference thread a share of every channel's voxels and adds the threads' partial sums: a
+    different thread count adds in a different order. On a ``(N, C, voxels)`` view (a reshape, which the plugin
+    feeds a planar tensor) each channel is summed by one thread from its first voxel to its last. The reshapes cost
+    two reorders per norm, within the noise of a paper-size pass (``benchmarks/engine_agreement.py --cost``).
+    """
+    import numpy as np
+    import openvino.opset13 as ops
+
+    rewritten = 0
+    for mvn in list(model.get_ordered_ops()):
+        if mvn.get_type_name() != "MVN":
+            continue
+        data, axes = mvn.input_value(0), mvn.input_value(1).get_node()
+        rank = data.get_partial_shape().rank
+        if rank.is_dynamic or rank.get_length() < 4 or axes.get_type_name() != "Constant":
+            continue
+        rank = rank.get_length()
+        if sorted(int(a) % rank for a in axes.get_data().ravel()) != list(range(2, rank)):
+            continue  # not per channel over every spatial axis: left as it is
+        attributes = mvn.get_attributes()
+        flat = ops.reshape(data, ops.constant(np.array([0, 0, -1], np.int64)), special_zero=True)
+        normalised = ops.mvn(flat, ops.constant(np.array([2], np.int64)), attributes["normalize_variance"],
+                             attributes["eps"], attributes["eps_mode"])
+        back = ops.reshape(normalised, ops.shape_of(data), special_zero=False)
+        back.set_friendly_name(mvn.get_friendly_name())
+        mvn.output(0).replace(back.output(0))
+        rewritten += 1
+    return rewritten
 
 
 def cached_openvino_ir(key: str | None) -> Path | None:
@@ -266,7 +349,7 @@ def openvino_engine(
     started = time.perf_counter()
     xml = cached_openvino_ir(key)
     if xml is not None:
-        return OpenVINOEngine(_compile_in_background(name, xml, amp))
+        return OpenVINOEngine(_compile_in_background(name, xml, amp), xml, key)
     if network_factory is None:
         raise EngineError(f"{name}: no cached OpenVINO model and no network to convert")
     model = _convert(network_factory(), spatial_size)
@@ -274,19 +357,23 @@ def openvino_engine(
         _save_ir(model, key)
     compiled = _compile(model, amp)
     logger.info("%s: converted to OpenVINO in %.1f s", name, time.perf_counter() - started)
-    return OpenVINOEngine(compiled)
+    return OpenVINOEngine(compiled, cached_openvino_ir(key) or model, key)  # the model itself only if uncached
 
 
 __all__ = [
     "ENGINES",
     "EngineError",
+    "INT8",
     "OpenVINOEngine",
     "TorchEngine",
     "cache_root",
     "cached_openvino_ir",
     "checkpoint_sha256",
+    "fixed_order_norms",
     "openvino_available",
     "openvino_cache_key",
+    "nncf_available",
     "openvino_engine",
     "resolve_engine",
+    "thread_invariant",
 ]

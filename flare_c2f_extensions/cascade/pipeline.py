@@ -34,7 +34,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from flare_c2f_extensions.cascade.engines import resolve_engine
+from flare_c2f_extensions.cascade.engines import INT8, EngineError, resolve_engine
 from flare_c2f_extensions.cascade.stages import (
     Stage,
     cascade_parts,
@@ -135,6 +135,7 @@ class Cascade:
         self.largest_component = largest_component
         self.engine = engine  # what the stages were loaded with (for reports); each Stage holds its own engine
         self.max_voxels = max_voxels
+        self.calibration = None  # the INT8 engine's calibration set and settings (int8.quantise_cascade)
 
     @classmethod
     def from_bundles(
@@ -151,6 +152,7 @@ class Cascade:
         engine: str | None = "auto",
         max_voxels: int | None = MAX_CASE_VOXELS,
         parsers: Mapping | None = None,
+        calibration: str | os.PathLike | None = None,
     ) -> Cascade:
         """Load every stage from its bundle folder (siblings in ``bundles_dir`` unless ``stage_dirs`` says otherwise).
 
@@ -162,11 +164,14 @@ class Cascade:
         checkpoint, torch for random weights; see :mod:`~flare_c2f_extensions.cascade.engines`). ``max_voxels``: larger
         inputs are refused from their header, before any voxel is read (``None``: no limit; see
         :data:`MAX_CASE_VOXELS`). ``parsers``: stage configs already parsed with these overrides, by (stage, refiner
-        organ or ``None``), so they are not read again (``segmenter.stage_parsers``).
+        organ or ``None``), so they are not read again (``segmenter.stage_parsers``). ``calibration``: the CTs that
+        calibrate ``engine="openvino-int8"`` (a folder or datalist; :mod:`.int8`).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         require_weights = as_bool(require_weights, "require_weights")  # "false" from a command line is truthy
-        resolve_engine(engine, device)  # fails early and clearly when the engine cannot run here
+        int8 = resolve_engine(engine, device) == INT8  # fails early and clearly when the engine cannot run here
+        if int8 and calibration is None:
+            raise EngineError(f"engine {INT8} needs calibration CTs: --calibration FOLDER_OR_DATALIST")
         amp = default_amp(device) if amp is None else as_bool(amp, "amp")
         bundles_dir = Path(bundles_dir) if bundles_dir is not None else default_bundles_dir()
         dirs = {name: Path(bundles_dir) / bundle for name, bundle in STAGE_BUNDLES.items()}
@@ -177,7 +182,8 @@ class Cascade:
             merged = {**overrides.get(name, {}), **(extra or {})}
             parser = (parsers or {}).get((name, (extra or {}).get("organ")))
             return load_stage(
-                name, dirs[name], device, merged, require_weights=require_weights, engine=engine, amp=precision,
+                name, dirs[name], device, merged, require_weights=require_weights,
+                engine="openvino" if int8 else engine, amp=precision,
                 parser=parser,
             )
 
@@ -186,7 +192,7 @@ class Cascade:
 
         coarse, groups, locator, refiners = cascade_parts(needed_stages(organs, small_organs), make)
         used = {"torch" if s.engine is None else s.engine.name for s in [coarse, locator, *groups, *refiners] if s}
-        return cls(
+        cascade = cls(
             coarse=coarse,
             groups=groups,
             locator=locator,
@@ -197,6 +203,11 @@ class Cascade:
             engine=used.pop() if len(used) == 1 else "mixed",
             max_voxels=max_voxels,
         )
+        if int8:
+            from flare_c2f_extensions.cascade.int8 import quantise_cascade
+
+            quantise_cascade(cascade, calibration)
+        return cascade
 
     # -- one case --------------------------------------------------------------------------------------------
 
@@ -291,7 +302,7 @@ class Cascade:
             for stage in self.stages
         }
         return {"organs": [ORGANS[o] for o in organs], "weights": weights, "engine": self.engine, "amp": self.amp,
-                "coarse_amp": self.coarse_amp}
+                "coarse_amp": self.coarse_amp, **({"calibration": self.calibration} if self.calibration else {})}
 
     def with_networks(self, network: torch.nn.Module) -> Cascade:
         """This cascade's stages run by the submodules of ``network`` (a

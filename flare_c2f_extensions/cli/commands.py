@@ -184,6 +184,7 @@ def segment(
     max_voxels="default",
     reference: str | None = None,
     override=None,
+    calibration: str | None = None,
 ):
     """Segment the 13 FLARE22 organs in CT: ``flare-c2f segment -i CT -o OUT [options]``.
 
@@ -193,8 +194,9 @@ def segment(
     mask per organ, ``--dicom_seg`` a DICOM Segmentation (DICOM input), ``--statistics`` volumes and HU (JSON and
     CSV), ``--preview`` a PNG; a run report JSON per run. ``--organs liver,spleen``: only these (and only the
     stages they need). ``--device cuda``, ``--threads N``, ``--amp true|false``, ``--engine torch|openvino|auto``
-    (auto: OpenVINO on a CPU for stages with weights), ``--max_voxels N`` (larger inputs refused from their
-    header). Weights: ``--bundles_dir DIR`` (trained stage bundles) or ``--stage_dirs "{'coarse': DIR, ...}"``;
+    (auto: OpenVINO on a CPU for stages with weights; ``openvino-int8``: quantised, calibrated on the CTs of
+    ``--calibration FOLDER_OR_DATALIST``, e.g. the training images), ``--max_voxels N`` (larger inputs refused from
+    their header). Weights: ``--bundles_dir DIR`` (trained stage bundles) or ``--stage_dirs "{'coarse': DIR, ...}"``;
     ``--require_weights false`` runs random weights (seeded by ``--seed``) for timing. ``--override
     "solid#key=value"`` (repeatable, or a JSON/YAML file ``{stage: {key: value}}``) overrides stage configs, as in
     ``train``; ``--stage_overrides`` takes the same as one mapping (JSON).
@@ -217,7 +219,8 @@ def segment(
         report = run_segment(
             str(input), str(output), organs=organs, device=device, threads=threads, amp=amp, bundles_dir=bundles_dir,
             stage_dirs=stage_dirs, stage_overrides=stage_overrides, require_weights=require_weights, seed=seed,
-            engine=engine, max_voxels=max_voxels, reference=reference, override=override, **flags,
+            engine=engine, max_voxels=max_voxels, reference=reference, override=override, calibration=calibration,
+            **flags,
         )
     except InputError as error:
         raise SystemExit(f"error: {error}") from None

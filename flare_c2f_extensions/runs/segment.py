@@ -135,6 +135,7 @@ def load_cascade(options: SegmentOptions, parsers: Mapping | None = None):
             device=options.device, amp=options.amp, stage_overrides=overrides, stage_dirs=dirs,
             require_weights=options.require_weights, organs=options.organs, engine=options.engine,
             max_voxels=MAX_CASE_VOXELS if options.max_voxels == "default" else options.max_voxels, parsers=parsers,
+            calibration=options.calibration,
         )
     finally:
         stages_logger.removeFilter(quiet)
@@ -297,6 +298,7 @@ def _environment(segmenter: Segmenter) -> dict:
     import monai
     import torch
 
+    from flare_c2f_extensions.cascade.engines import thread_invariant
     from flare_c2f_extensions.version import __version__
 
     cascade = segmenter.cascade
@@ -307,6 +309,9 @@ def _environment(segmenter: Segmenter) -> dict:
         "python": platform.python_version(),
         "device": str(cascade.device),
         "threads": torch.get_num_threads(),
+        "engine": cascade.engine,
+        "thread_invariant": thread_invariant(cascade.engine, cascade.device),  # the same maps for any thread count
+        **({"calibration": cascade.calibration} if cascade.calibration else {}),  # openvino-int8's
         "amp": cascade.amp,
         "coarse_amp": cascade.coarse_amp,
         "organs": [ORGANS[o] for o in segmenter.organs],
@@ -334,7 +339,7 @@ def run_segment(
     batch runner (:class:`~.batch.BatchRunner`: a case that fails is reported and the others go on; under
     ``torchrun`` each rank takes its share of the cases on its own device) and write one run report (rank 0).
     Returns the report (on other ranks their part)."""
-    from flare_c2f_extensions.cascade.engines import resolve_engine
+    from flare_c2f_extensions.cascade.engines import INT8, resolve_engine
     from flare_c2f_extensions.evaluation.quality import load_volume_reference
     from flare_c2f_extensions.io.files import prepare_output_dir, refuse_foreign_outputs, write_text_atomic
     from flare_c2f_extensions.runs.batch import BatchRunner, Case, summarise
@@ -351,7 +356,10 @@ def run_segment(
     device = ranks.device(chosen.device)
     chosen = dataclasses.replace(chosen, device=None if device is None else torch_device(device),
                                  threads=ranks.threads(chosen.threads, device))
-    resolve_engine(chosen.engine, chosen.device or ("cuda" if _cuda() else "cpu"))
+    if resolve_engine(chosen.engine, chosen.device or ("cuda" if _cuda() else "cpu")) == INT8:
+        from flare_c2f_extensions.cascade.int8 import check_calibration
+
+        check_calibration(chosen.calibration)
     parsers = check_weights(chosen)
     refuse_foreign_outputs(targets, overwrite)
     volumes = load_volume_reference(reference)
