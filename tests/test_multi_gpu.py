@@ -48,8 +48,9 @@ def _free_port():
 
 @pytest.mark.parametrize("bundle", TRAINABLE)
 def test_overlay_parses_with_its_train_config(bundle, cohort, tmp_path, monkeypatch):
-    """One process as rank 0 of a world of one (gloo): the overlay builds a DDP network, distributed samplers,
-    and keeps the checkpoint saver; ``finalize`` tears the process group down."""
+    """One process as rank 0 of a world of one (gloo): the overlay builds a DDP network, distributed samplers (the
+    trainer's device loader shards by rank itself), and keeps the checkpoint saver; ``finalize`` tears the process
+    group down."""
     from monai.handlers import CheckpointSaver
     from torch.utils.data.distributed import DistributedSampler
 
@@ -69,8 +70,8 @@ def test_overlay_parses_with_its_train_config(bundle, cohort, tmp_path, monkeypa
         assert isinstance(parsed("train#dataloader").sampler, DistributedSampler)
         assert isinstance(parsed("validate#dataloader").sampler, DistributedSampler)
         assert any(isinstance(h, CheckpointSaver) for h in parsed("validate#handlers"))
-        trainer = parsed("train#trainer")
-        assert trainer.data_loader.sampler is parsed("train#sampler")
+        trainer = parsed("train#trainer")  # the device loader takes this rank's share of every epoch itself
+        assert trainer.data_loader is parsed("train#device_loader")
     finally:
         workflow.finalize()
         # ignite caches the distributed context it saw while the group existed; later tests in this process
