@@ -89,7 +89,7 @@ RECORDER = {
         "$os.makedirs(@record_dir, exist_ok=True)",
         "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED, lambda e, d=@record_dir: "
         "open(f'{d}/train_{dist.get_rank()}.txt', 'a').write(''.join(f'{e.state.epoch}\\t{n}\\n' "
-        "for n in e.state.batch['image'].meta['filename_or_obj'])))",
+        "for n in e.state.batch['filename_or_obj'])))",  # the device loader names its batch's files
         "$@validate#evaluator.add_event_handler(ignite.engine.Events.ITERATION_STARTED, lambda e, d=@record_dir: "
         "open(f'{d}/val_{dist.get_rank()}.txt', 'a').write(''.join(f'{e.state.epoch}\\t{n}\\n' "
         "for n in e.state.batch['image'].meta['filename_or_obj'])))",

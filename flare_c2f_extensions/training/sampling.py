@@ -720,12 +720,14 @@ class DeviceTrainingLoader:
             epoch = self._own_epoch
         shard = self._shard(epoch)
         for first in range(0, len(shard), self.batch_size):
-            images, labels = [], []
+            images, labels, names = [], [], []
             for position, case in shard[first: first + self.batch_size]:
                 image, label = self.sample(case, self.draw(epoch, position, case))
                 images.append(image)
                 labels.append(label)
-            yield {"image": torch.stack(images), "label": torch.stack(labels)}
+                names.append(str(self.data[case]["image"]))
+            # the batch's files by name, as MONAI's meta tensors carry them (filename_or_obj)
+            yield {"image": torch.stack(images), "label": torch.stack(labels), "filename_or_obj": names}
 
     def with_recipe(self, **changes) -> DeviceTrainingLoader:
         """A copy sharing the decoded cases, with recipe fields changed (tests, benchmarks)."""
