@@ -43,11 +43,10 @@ from monai.data.utils import affine_to_spacing
 from flare_c2f_extensions.transforms.boxes import (
     Box,
     _per_axis,
-    _per_side,
     _spatial_mask,
     affine_of,
     box_from_mask,
-    expand_box,
+    expand_box_mm,
     label_names,
 )
 
@@ -207,16 +206,7 @@ def jittered_box(recipe: AugmentationRecipe, tight: Box | None, shape, spacing, 
     shape = tuple(int(s) for s in shape)
     if not recipe.crop or tight is None:
         return tuple(0 for _ in shape), shape
-    nd = len(shape)
-    margin_mm = _per_side(recipe.margin_mm, nd, "margin_mm")
-    if extra_mm is not None:
-        margin_mm = margin_mm + _per_side(extra_mm, nd, "extra_margin_mm")
-    margin_vox = np.ceil(margin_mm / spacing[:, None] - 1e-6)
-    min_vox = None
-    if recipe.min_size_mm is not None:
-        min_vox = np.ceil(_per_axis(recipe.min_size_mm, nd, "min_size_mm") / spacing - 1e-6)
-    shift_vox = None if shift_mm is None else np.rint(_per_axis(shift_mm, nd, "shift_mm") / spacing)
-    return expand_box(tight, shape, margin_vox, min_vox, shift_vox)
+    return expand_box_mm(tight, shape, spacing, recipe.margin_mm, recipe.min_size_mm, shift_mm, extra_mm)
 
 
 def draw_sample(recipe: AugmentationRecipe, tight: Box | None, shape, spacing, rng: np.random.Generator) -> SampleDraw:

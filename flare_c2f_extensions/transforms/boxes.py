@@ -135,6 +135,21 @@ def expand_box(
     return tuple(int(v) for v in start), tuple(int(v) for v in stop)
 
 
+
+def expand_box_mm(tight: Box, shape, spacing: np.ndarray, margin_mm, min_size_mm=None, shift_mm=None,
+                  extra_margin_mm=None) -> Box:
+    """:func:`expand_box` with the margin (plus ``extra_margin_mm``; per axis and side), the minimum size and the
+    shift in mm, through ``spacing`` (mm per voxel along each axis): the one conversion of the crop transforms and
+    the training sampler."""
+    nd = len(shape)
+    margin = _per_side(margin_mm, nd, "margin_mm")
+    if extra_margin_mm is not None:
+        margin = margin + _per_side(extra_margin_mm, nd, "extra_margin_mm")
+    margin_vox = np.ceil(margin / spacing[:, None] - 1e-6)
+    min_vox = None if min_size_mm is None else np.ceil(_per_axis(min_size_mm, nd, "min_size_mm") / spacing - 1e-6)
+    shift_vox = None if shift_mm is None else np.rint(_per_axis(shift_mm, nd, "shift_mm") / spacing)
+    return expand_box(tight, shape, margin_vox, min_vox, shift_vox)
+
 def _foreground(m, labels: Sequence[int] | None):
     """Boolean map of ``labels`` (any nonzero for ``None``); numpy on the CPU (several times faster than torch
     for uint8 compares there), torch on other devices."""

@@ -23,7 +23,6 @@ from flare_c2f_extensions.transforms.boxes import (
     SKIPPED_META_KEY,
     Box,
     _per_axis,
-    _per_side,
     _plain,
     _spatial_mask,
     affine_of,
@@ -31,7 +30,7 @@ from flare_c2f_extensions.transforms.boxes import (
     box_from_mask,
     box_size,
     box_slices,
-    expand_box,
+    expand_box_mm,
     fov_affine,
     label_names,
     map_box,
@@ -181,15 +180,7 @@ class CropFromMask(InvertibleTransform):
         if src_to_dst is not None:
             tight = map_box(tight, src_to_dst, img_shape)
         spacing = np.asarray(affine_to_spacing(affine_of(img, nd), r=nd), dtype=np.float64)
-        margin_mm = _per_side(self.margin_mm, nd, "margin_mm")
-        if extra_margin_mm is not None:
-            margin_mm = margin_mm + _per_side(extra_margin_mm, nd, "extra_margin_mm")
-        margin_vox = np.ceil(margin_mm / spacing[:, None] - 1e-6)
-        min_vox = None
-        if self.min_size_mm is not None:
-            min_vox = np.ceil(_per_axis(self.min_size_mm, nd, "min_size_mm") / spacing - 1e-6)
-        shift_vox = None if shift_mm is None else np.rint(_per_axis(shift_mm, nd, "shift_mm") / spacing)
-        return expand_box(tight, img_shape, margin_vox, min_vox, shift_vox)
+        return expand_box_mm(tight, img_shape, spacing, self.margin_mm, self.min_size_mm, shift_mm, extra_margin_mm)
 
     def warn_skipped(self) -> None:
         logger.warning("no %s in mask: stage skipped", label_names(self.box_labels))
