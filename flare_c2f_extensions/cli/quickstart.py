@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -150,6 +149,7 @@ def train_stages(data: Path, out: Path, network: dict, stages=QUICK_STAGES, epoc
     quick preset of :func:`quick_overrides`) into ``out``, ``workers`` stages side by side (default one per core);
     ``progress`` (a :class:`Progress`) gets a line per finished stage. Returns the cascade's stage overrides that
     point at the trained bundles (``bundle_root``, grid, network)."""
+    from flare_c2f_extensions.runs.ranks import available_cores
     from flare_c2f_extensions.training.train import train_cascade
 
     n_cases = len(list((data / "imagesTr").glob("*.nii.gz")))
@@ -164,15 +164,11 @@ def train_stages(data: Path, out: Path, network: dict, stages=QUICK_STAGES, epoc
             progress.line(f"train {name}", detail, record["seconds"])
 
     train_cascade(data, out, stages=list(stages), overrides=overrides, num_val=max(1, n_cases // 5), evaluate=False,
-                  progress=False, workers=workers or _cores(), on_stage_done=report)
+                  progress=False, workers=workers or available_cores(), on_stage_done=report)
     return {
         name: {"bundle_root": str(out / bundle), "spatial_size": settings["spatial_size"], **network}
         for name, (bundle, settings) in stages.items()
     }
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def training_runs(stages=QUICK_STAGES) -> int:

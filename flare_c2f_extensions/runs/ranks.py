@@ -18,7 +18,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Ranks"]
+__all__ = ["Ranks", "available_cores"]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class Ranks:
         """Torch threads of this rank on a CPU device: ``requested``, else its share of the machine's cores."""
         if requested is not None or not self.distributed or (device is not None and str(device) != "cpu"):
             return requested
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = available_cores()
         return max(1, cores // self.local_world_size)
 
     def start(self) -> None:

@@ -388,9 +388,10 @@ def train_side_by_side(jobs, workers: int):
         settings = job[2]
         return float(settings.get("max_epochs", 1)) * float(np.prod(settings.get("spatial_size", [1])))
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from flare_c2f_extensions.runs.ranks import available_cores
+
     workers = max(1, min(workers, len(jobs)))
-    threads = max(1, cores // workers)
+    threads = max(1, available_cores() // workers)
     context = multiprocessing.get_context("spawn")  # a clean torch per worker, whatever the parent holds
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(_train_in_worker, stage, root, settings, threads)
