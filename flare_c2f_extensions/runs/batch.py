@@ -24,7 +24,7 @@ from flare_c2f_extensions.errors import FAILED_CASES_EXIT_STATUS, input_error_in
 from flare_c2f_extensions.runs.ranks import Ranks
 from flare_c2f_extensions.runs.resources import ResourceMonitor
 
-__all__ = ["BatchRunner", "Case", "CaseWork", "end_on_failures", "summarise"]
+__all__ = ["BatchRunner", "Case", "CaseWork", "CollectWarnings", "end_on_failures", "summarise"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ class CaseWork(Protocol):
         """Segment the case and write its outputs; the fields of its report entry."""
 
 
-class _CaseWarnings(logging.Handler):
-    """The package's warnings while a case runs, for its report entry; printed as ``warning: ...`` with ``echo``."""
+class CollectWarnings(logging.Handler):
+    """The package's warnings while it is attached (a case, or loading the cascade), for a report; printed as
+    ``warning: ...`` with ``echo``."""
 
     def __init__(self, echo: bool):
         super().__init__(logging.WARNING)
@@ -127,7 +128,7 @@ class BatchRunner:
             message = f"{case.image}: its output {case.target} is already that of {owner} in this batch"
             logger.error("failed: %s", message)
             return {**entry, "status": "failed", "error": message}
-        warned = _CaseWarnings(echo)
+        warned = CollectWarnings(echo)
         package = logging.getLogger("flare_c2f_extensions")
         package.addHandler(warned)
         try:

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -342,7 +341,7 @@ def run_segment(
     from flare_c2f_extensions.cascade.engines import INT8, resolve_engine
     from flare_c2f_extensions.evaluation.quality import load_volume_reference
     from flare_c2f_extensions.io.files import prepare_output_dir, refuse_foreign_outputs, write_text_atomic
-    from flare_c2f_extensions.runs.batch import BatchRunner, Case, summarise
+    from flare_c2f_extensions.runs.batch import BatchRunner, Case, CollectWarnings, summarise
 
     chosen = SegmentOptions.parse(organs=organs, **options)
     images, ignored = resolve_inputs(input, output)
@@ -369,7 +368,7 @@ def run_segment(
     names = dict(images)
     cases = [Case(image, names[image], target) for image, target in targets]
     what = dict(per_organ=per_organ, dicom_seg=dicom_seg, statistics=statistics, preview=preview)
-    run_warnings = _RunWarnings(echo=progress)
+    run_warnings = CollectWarnings(echo=progress)  # while the cascade loads, for the run report
     package_logger = logging.getLogger("flare_c2f_extensions")
     package_logger.addHandler(run_warnings)
     try:
@@ -388,20 +387,6 @@ def run_segment(
     write_text_atomic(json.dumps(report, indent=4) + "\n", report_path)
     report["report"] = str(report_path)
     return report
-
-
-class _RunWarnings(logging.Handler):
-    """The package's warnings while the cascade loads, for the run report; printed as ``warning: ...``."""
-
-    def __init__(self, echo: bool = True):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-        self.echo = echo
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        if self.echo:
-            print(f"warning: {record.getMessage()}", file=sys.stderr)
 
 
 class SegmentWork:
