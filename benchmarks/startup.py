@@ -149,10 +149,14 @@ def warm_case(loaded, run_cases, args) -> tuple[float, float, dict]:
     from flare_c2f_extensions.runs.segment import SegmentWork
 
     case = Case(args.case, "warm", Path(args.out) / "warm.nii.gz")
-    runner = BatchRunner(SegmentWork(loaded, {}), [case], loaded.cascade.device, overwrite=True, progress=None)
+    what = dict(per_organ=False, dicom_seg=False, statistics=False, preview=False)  # the command's defaults
+    runner = BatchRunner(SegmentWork(loaded, what), [case], loaded.cascade.device, overwrite=True, progress=None)
     cpu, started = time.process_time(), time.perf_counter()
     cases = run_cases(runner)["cases"]
+    if cases[0]["status"] != "done":
+        raise RuntimeError(f"the warm case did not run: {cases[0]}")
     return time.perf_counter() - started, time.process_time() - cpu, cases[0].get("stage_seconds")
+
 
 
 def first_calls(args) -> None:
