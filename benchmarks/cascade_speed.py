@@ -10,6 +10,11 @@ fusion, reading, largest components), the total, peak RSS and, on CUDA, peak GPU
     python benchmarks/cascade_speed.py                      # 512x512x300, 0.8x0.8x1.5 mm, best device
     python benchmarks/cascade_speed.py --device cpu --amp true --repeats 2 --engine openvino
     python benchmarks/cascade_speed.py --case /tmp/bench   # keep the generated CT there and reuse it
+    python benchmarks/cascade_speed.py --weights /tmp/w --engine openvino-int8 --calibration /tmp/bench
+
+``--weights DIR`` saves the random paper-size weights there once as checkpoints (``startup.py`` does the same), so
+that OpenVINO's converted and quantised models are cached between runs as with trained weights; without it every
+run converts (and for INT8 quantises) the random networks again.
 
 The script also runs against older checkouts of the package (``cd OLD && python NEW/benchmarks/cascade_speed.py``,
 without ``--engine``), so today's and yesterday's code can be timed side by side.
@@ -137,6 +142,9 @@ def main() -> None:
     parser.add_argument("--guides", default="truth", choices=["truth", "network"], help="see the docstring")
     parser.add_argument("--engine", default=None, help="torch, openvino or auto (default: the package's default)")
     parser.add_argument("--case", default=None, help="folder to keep the generated CT in (default: a temporary one)")
+    parser.add_argument("--weights", default=None, help="folder of random paper-size checkpoints, written once "
+                        "(a --bundles_dir): engines are cached as with trained weights")
+    parser.add_argument("--calibration", default=None, help="CTs that calibrate --engine openvino-int8")
     parser.add_argument("--stub", action="store_true", help="fixed random logits instead of the networks: only "
                         "the time around them (reading, crops, resizes, fusion, largest components) is spent")
     parser.add_argument("--channels", default=None, help="network widths, e.g. 4,8,8,8,8: tiny networks, to time "
@@ -156,6 +164,13 @@ def main() -> None:
         if args.channels:
             widths = [int(c) for c in args.channels.split(",")]
             options["stage_overrides"] = {name: {"network_def": {"channels": widths}} for name in STAGE_BUNDLES}
+        if args.weights:
+            from startup import write_checkpoints
+
+            write_checkpoints(Path(args.weights))
+            options["bundles_dir"] = args.weights
+        if args.calibration:
+            options["calibration"] = args.calibration
         cascade = Cascade.from_bundles(device=args.device, amp=amp, require_weights=False, **options)
         if args.stub:
             stub_networks(cascade)

@@ -142,6 +142,27 @@ def test_expand_and_map_box_helpers():
     assert map_box(((1, 2, 3), (4, 5, 6)), fov_affine((8, 8, 8), (16, 16, 16))) == ((2, 4, 6), (8, 10, 12))
 
 
+def test_label_boxes_are_find_objects_whatever_the_memory_order():
+    """label_boxes scans a Fortran-ordered label map (as nibabel reads one) through its C-ordered transpose, which is
+    several times faster; the boxes must be find_objects' own, for every label, present or not."""
+    from scipy import ndimage
+
+    from flare_c2f_extensions.transforms.boxes import label_boxes
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((23, 17, 11), np.uint8)
+    for label in (1, 2, 5, 13):  # 3, 4 and 6..12 are missing
+        start = rng.integers(0, 8, 3)
+        labels[tuple(slice(s, s + int(rng.integers(1, 9))) for s in start)] = label
+    fortran = np.asfortranarray(labels)
+    assert fortran.flags.f_contiguous and not fortran.flags.c_contiguous
+    expected = ndimage.find_objects(labels, max_label=13)
+    assert sum(box is not None for box in expected) == 4
+    assert label_boxes(fortran, 13) == expected
+    assert label_boxes(labels, 13) == expected
+    assert label_boxes(fortran[:, ::-1], 13) == ndimage.find_objects(labels[:, ::-1], max_label=13)  # a strided view
+
+
 def test_box_from_coarse_mask_on_another_grid():
     img, lab = blob_case()
     labels = GROUPS["solid"]

@@ -20,7 +20,7 @@ by 0 (NaN, which would poison every mean). We score that organ like two empty ma
 nothing is left to compare. A cut that empties only the prediction needs no guard: DSC 0, NSD 0.
 
 For speed every organ is scored inside the bounding box of ``pred == label | gt == label`` (found for all
-labels in one pass with ``scipy.ndimage.find_objects``), padded with empty voxels. DSC only counts voxels
+labels in one pass by ``transforms.boxes.label_boxes``), padded with empty voxels. DSC only counts voxels
 inside that box, and the surface Dice is translation invariant and sees nothing but the two surfaces, so the
 crop changes neither as long as the padding is empty (the tests check this against the full volume).
 """
@@ -37,12 +37,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.io.discovery import case_name, is_nifti
 from flare_c2f_extensions.io.files import prepare_output_dir, write_text_atomic
 from flare_c2f_extensions.labels import NSD_TOLERANCE_MM, ORGANS, SLAB_ORGANS
+from flare_c2f_extensions.transforms.boxes import label_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ def organ_scores(
         raise KeyError(f"not FLARE22 organ ids (1..{len(ORGANS)}): {unknown}")
 
     max_label = max(labels, default=0)
-    boxes_pred = ndimage.find_objects(pred, max_label=max_label) if max_label else []
-    boxes_gt = ndimage.find_objects(gt, max_label=max_label) if max_label else []
+    boxes_pred = label_boxes(pred, max_label) if max_label else []
+    boxes_gt = label_boxes(gt, max_label) if max_label else []
 
     scores = {}
     for label in labels:
@@ -406,7 +406,7 @@ def _as_label_map(array: np.ndarray) -> np.ndarray:
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    boxes = ndimage.find_objects(mask.astype(np.uint8))
+    boxes = label_boxes(mask.astype(np.uint8))
     return boxes[0] if boxes else None
 
 

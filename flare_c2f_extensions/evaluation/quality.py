@@ -24,6 +24,7 @@ import numpy as np
 
 from flare_c2f_extensions.errors import InputError
 from flare_c2f_extensions.labels import ORGANS
+from flare_c2f_extensions.transforms.boxes import label_boxes
 
 __all__ = [
     "PERCENTILES", "QualityRule", "case_signals", "decide", "load_volume_reference", "organ_quality",
@@ -152,10 +153,8 @@ def case_signals(
     confidence = np.asarray(confidence)
     if labels.shape != confidence.shape:
         raise ValueError(f"label map {labels.shape} and confidence map {confidence.shape} differ in shape")
-    from scipy import ndimage
-
     voxel_ml = voxel_volume_ml(affine)  # each organ's voxels are counted inside its box: no pass over the volume
-    boxes = ndimage.find_objects(labels.astype(np.uint8, copy=False), max_label=max(ORGANS))
+    boxes = label_boxes(labels.astype(np.uint8, copy=False), max_label=max(ORGANS))
     organs, missing = {}, []
     for label, name in ORGANS.items():
         box = boxes[label - 1]  # each organ's voxels looked up inside its own box, not the whole volume

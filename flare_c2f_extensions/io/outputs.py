@@ -119,10 +119,10 @@ def organ_statistics(
     """Per organ (by name): FLARE id, voxel count, volume in ml (voxel count x voxel volume), mean and median HU of
     the input's voxels inside it (``None`` when empty), whether it touches the image border; with ``quality``
     (:func:`pseudo_label.organ_quality`) also its :data:`QUALITY_COLUMNS`."""
-    from scipy import ndimage
+    from flare_c2f_extensions.transforms.boxes import label_boxes
 
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    boxes = ndimage.find_objects(labels, max_label=max(ORGANS))
+    boxes = label_boxes(labels, max_label=max(ORGANS))
     result = {}
     for organ in organs:
         box = boxes[organ - 1]

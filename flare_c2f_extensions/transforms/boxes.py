@@ -14,7 +14,7 @@ from flare_c2f_extensions.labels import ORGANS
 
 __all__ = [
     "BOX_META_KEY", "Box", "SKIPPED_META_KEY", "affine_of", "box_affine", "box_from_mask", "box_size",
-    "box_slices", "expand_box", "fov_affine", "get_crop_box", "label_names", "map_box",
+    "box_slices", "expand_box", "fov_affine", "get_crop_box", "label_boxes", "label_names", "map_box",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,6 +203,19 @@ def box_from_mask(
         return None
     shape = tuple(m.shape) if shape is None else tuple(shape)
     return expand_box(tight, shape, margin_vox, min_size_vox)
+
+
+def label_boxes(labels: np.ndarray, max_label: int | None = None) -> list[tuple[slice, ...] | None]:
+    """``scipy.ndimage.find_objects``: the bounding box (slices) of each label ``1..max_label`` of an integer array,
+    ``None`` for a missing label, in one pass. A Fortran-ordered array (as nibabel reads one) is scanned through its
+    C-ordered transpose: find_objects walks memory in C order, and over a Fortran-ordered 512x512x300 label map it
+    took 0.9 s instead of 0.13 s."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    if labels.ndim > 1 and labels.flags.f_contiguous and not labels.flags.c_contiguous:
+        return [None if box is None else box[::-1] for box in label_boxes(labels.T, max_label)]
+    return ndimage.find_objects(labels, max_label=max_label or 0)
 
 
 def fov_affine(src_shape: Sequence[int], dst_shape: Sequence[int]) -> np.ndarray:
