@@ -61,9 +61,11 @@ def write_checkpoints(folder: Path) -> None:
 
 
 def command(args, output: str) -> list[str]:
+    extra = ["--amp", args.amp] if args.amp else []
+    extra += ["--calibration", args.calibration] if args.calibration else []
     return [
         "segment", "-i", args.case, "-o", output, "--bundles_dir", args.weights, "--engine", args.engine,
-        "--overwrite", "true",
+        "--overwrite", "true", *extra,
     ]
 
 
@@ -158,7 +160,6 @@ def warm_case(loaded, run_cases, args) -> tuple[float, float, dict]:
     return time.perf_counter() - started, time.process_time() - cpu, cases[0].get("stage_seconds")
 
 
-
 def first_calls(args) -> None:
     """Each stage's network run twice on the same input in a fresh process: the first call's one-off set-up."""
     import torch
@@ -183,6 +184,8 @@ def first_calls(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="auto")
+    parser.add_argument("--amp", default=None, help="true or false (default: the command's, by device)")
+    parser.add_argument("--calibration", default=None, help="CTs that calibrate --engine openvino-int8")
     parser.add_argument("--case", default="/tmp/speed_bench/bench_0000.nii.gz", help="a CT (cascade_speed.py --case)")
     parser.add_argument("--weights", default="/tmp/flare_c2f_startup_weights")
     parser.add_argument("--out", default="/tmp/flare_c2f_startup_out")
@@ -237,6 +240,8 @@ def report(totals: dict, imports: tuple[float, float], pairs: list) -> None:
         wall = statistics.median(p[0] / p[2] for p in pairs)
         cpu = statistics.median(p[1] / p[3] for p in pairs)
         print(f"  fresh process / warm case (median of {len(pairs)} pairs): {wall:.2f} wall, {cpu:.2f} CPU")
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"  peak RSS of a fresh process (the largest of them): {peak:.0f} MB")
         print(f"  in-process whole / median warm case: "
               f"{totals['in-process whole'] / statistics.median(p[2] for p in pairs):.2f} wall")
 

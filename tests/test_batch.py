@@ -93,3 +93,58 @@ def test_under_two_ranks_each_takes_its_share_and_rank_0_merges(tmp_path, monkey
         assert [case["case"] for case in result["cases"]] == ["a", "c", "z"]
         assert [entry["cases"] for entry in result["ranks"]] == [["a", "c"], ["z"]]
         assert Path(result["cases"][0]["output"]).name == "a.nii.gz"
+
+
+class ReadingWork(FakeWork):
+    """FakeWork that reads ahead: ``slow`` cannot finish until the case after it is being read on another thread;
+    ``unreadable`` fails while it is read ahead."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.read, self.given, self.reading = [], {}, threading.Event()
+
+    def read_ahead(self, case):
+        import threading
+
+        self.read.append((case.name, threading.current_thread() is threading.main_thread()))
+        self.reading.set()
+        if case.name == "unreadable":
+            raise InputError(f"{case.image}: truncated gzip")
+        return f"decoded {case.name}"
+
+    def process(self, case, ahead=None):
+        self.given[case.name] = ahead
+        if case.name == "slow":
+            assert self.reading.wait(timeout=30), "the next case was not read while this one ran"
+        return super().process(case)
+
+
+def test_the_next_case_is_read_on_another_thread_while_a_case_runs(tmp_path):
+    """Issue 21: reading ahead. The next case's input is decoded on a background thread during the case before it
+    (so ``slow`` sees it being read), reaches process as ``ahead``, and a case already finished is not read at all."""
+    work = ReadingWork()
+    result = BatchRunner(work, _cases(tmp_path, ["slow", "b", "a", "c"]), progress=None).run()
+    assert [case["status"] for case in result["cases"]] == ["exists", "done", "done", "done"]
+    assert work.read == [("b", False), ("c", False)]  # "slow" was read in its turn, "a" is finished
+    assert work.given == {"slow": None, "b": "decoded b", "c": "decoded c"}
+
+
+def test_a_case_that_fails_while_read_ahead_fails_in_its_turn_and_alone(tmp_path):
+    work = ReadingWork()
+    result = BatchRunner(work, _cases(tmp_path, ["b", "unreadable", "c"]), progress=None).run()
+    cases = {case["case"]: case for case in result["cases"]}
+    assert cases["unreadable"]["status"] == "failed"
+    assert cases["unreadable"]["error"] == "/in/unreadable.nii.gz: truncated gzip"
+    assert cases["b"]["status"] == cases["c"]["status"] == "done" and work.processed == ["b", "c"]
+    assert "unreadable" not in work.given
+
+
+def test_overwrite_reads_ahead_every_case_and_a_single_case_is_read_in_its_turn(tmp_path):
+    work = ReadingWork()
+    BatchRunner(work, _cases(tmp_path, ["b", "a"]), overwrite=True, progress=None).run()
+    assert work.read == [("a", False)] and work.given == {"b": None, "a": "decoded a"}
+    alone = ReadingWork()
+    BatchRunner(alone, _cases(tmp_path, ["b"]), progress=None).run()
+    assert alone.read == [] and alone.given == {"b": None}

@@ -393,3 +393,43 @@ def test_voxel_limit_and_engine_reach_the_cascade(phantom, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["segment", "-i", str(phantom), "-o", str(out), "--engine", "tensorrt", *RANDOM])
     assert str(exit_.value.code).startswith("error: ") and "tensorrt" in str(exit_.value.code)
+
+
+def test_a_folder_read_ahead_gives_each_case_its_own_labels_and_warnings(tmp_path, monkeypatch):
+    """Issue 21: while a case runs the next one's CT is decoded on a background thread. Each label map must be the one
+    the case gives alone, and a warning raised by reading a case (NaN voxels) must land in that case's entry, not in
+    the entry of the case running while it was read."""
+    from flare_c2f_extensions.runs import segment as segment_module
+
+    folder = tmp_path / "cts"
+    for name, seed in (("a", 3), ("b", 4), ("c", 5)):
+        write_phantom(folder / f"{name}_0000.nii.gz", seed=seed)
+    image = nib.load(str(folder / "b_0000.nii.gz"))
+    hu = np.asarray(image.dataobj).astype(np.float32)
+    air = hu <= -1000
+    assert air.any()
+    hu[air] = np.nan  # NaN becomes air: the same labels, and a warning
+    with_nan = nib.Nifti1Image(hu, image.affine)  # float32 on disk: NaN survives
+    with_nan.set_qform(image.affine, 1)
+    with_nan.set_sform(image.affine, 1)
+    nib.save(with_nan, str(folder / "b_0000.nii.gz"))
+
+    read = []
+    original = segment_module.SegmentWork.read_ahead
+
+    def recorded(self, case):
+        read.append(case.name)
+        return original(self, case)
+
+    monkeypatch.setattr(segment_module.SegmentWork, "read_ahead", recorded)
+    main(["segment", "-i", str(folder), "-o", str(tmp_path / "together"), *RANDOM])
+    assert read == ["b", "c"]
+    report = json.loads((tmp_path / "together" / "segment_report.json").read_text())
+    warnings = {case["case"]: " ".join(case.get("warnings", [])) for case in report["cases"]}
+    assert "NaN voxel(s)" in warnings["b"]
+    assert "NaN" not in warnings["a"] and "NaN" not in warnings["c"]
+    for name in ("a", "b", "c"):
+        alone = tmp_path / f"{name}.nii.gz"
+        main(["segment", "-i", str(folder / f"{name}_0000.nii.gz"), "-o", str(alone), *RANDOM])
+        together = np.asarray(nib.load(str(tmp_path / "together" / f"{name}.nii.gz")).dataobj)
+        assert np.array_equal(together, np.asarray(nib.load(str(alone)).dataobj)), name

@@ -231,6 +231,7 @@ class CT:
     def __init__(self, path: str | os.PathLike, geometry: Geometry, keep_voxels: bool = False):
         self.path, self.geometry, self.keep_voxels = Path(path), geometry, keep_voxels
         self._voxels: np.ndarray | None = None
+        self._sanitised = False  # whether _voxels went through _sanitise_hu
 
     @classmethod
     def open(cls, source: str | os.PathLike | CT, keep_voxels: bool = False, what: str = "image") -> CT:
@@ -255,14 +256,21 @@ class CT:
         return self.geometry.affine
 
     def hu(self) -> np.ndarray:
-        """The voxels in HU (float32, or int16 as stored; the file's own layout, 3D), decoded on the first call."""
-        if self._voxels is not None:
+        """The voxels in HU (float32, or int16 as stored; the file's own layout, 3D), decoded on the first call (or
+        by :meth:`decode` ahead of it)."""
+        if self._voxels is not None and self._sanitised:
             return self._voxels
-        data, _ = read_voxels(self.path, self.geometry)
-        data = _sanitise_hu(self.path, data)
-        if self.keep_voxels:
-            self._voxels = data
+        data = self._voxels if self._voxels is not None else read_voxels(self.path, self.geometry)[0]
+        data = _sanitise_hu(self.path, data)  # here, not in decode: its warnings belong to the case being run
+        self._voxels, self._sanitised = (data, True) if self.keep_voxels else (None, False)
         return data
+
+    def decode(self) -> CT:
+        """Decode the voxels now and hold them for :meth:`hu`, which hands them over (and keeps them only with
+        ``keep_voxels``). Logs nothing, so that it can run on another thread, ahead of the case's turn."""
+        if self._voxels is None:
+            self._voxels, self._sanitised = read_voxels(self.path, self.geometry)[0], False
+        return self
 
 
 def read_ct(image: str | os.PathLike | CT, device: torch.device | str = "cpu") -> tuple[MetaTensor, np.ndarray]:

@@ -5,15 +5,18 @@
 (:class:`~.ranks.Ranks`), the claim of each output (two inputs that would write one file: the later fails), the
 finished-output check (a case done before with the same input and options is skipped, one that changed is redone,
 and the report says why), failure isolation (one bad case is reported, the others go on), the warnings each case
-logged, its seconds and memory (:class:`~.resources.ResourceMonitor`), progress, and every rank's cases handed to
-rank 0. What a case writes is the caller's :class:`CaseWork`.
+logged, its seconds and memory (:class:`~.resources.ResourceMonitor`), progress, every rank's cases handed to
+rank 0, and reading ahead: while a case runs, the next one's input is decoded on a background thread (where the work
+can, :meth:`CaseWork.read_ahead`), so that on a GPU, which waits for the CPU's reading otherwise, the reading of one
+case overlaps the networks of the one before. What a case writes is the caller's :class:`CaseWork`.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -46,8 +49,14 @@ class CaseWork(Protocol):
         (``fields`` go into its report entry); ``("", {})`` when there are none; ``(why, {})`` when they must be
         made again."""
 
-    def process(self, case: Case) -> dict:
-        """Segment the case and write its outputs; the fields of its report entry."""
+    def process(self, case: Case, ahead=None) -> dict:
+        """Segment the case and write its outputs; the fields of its report entry. ``ahead``: what
+        :meth:`read_ahead` gave for this case, if the work has one (else ``None``)."""
+
+    # optional: def read_ahead(self, case: Case) -> object | None
+    #     Decode the case's input, on a background thread while the case before it runs; what it returns reaches
+    #     process(case, ahead). It must log nothing (its warnings would land in the other case's entry); whatever it
+    #     raises is the case's failure, at its turn. Not called for a case that is finished (and not overwritten).
 
 
 class CollectWarnings(logging.Handler):
@@ -93,11 +102,12 @@ class BatchRunner:
         shown = self.progress if ranks.rank == 0 else None
         claimed: dict[str, str] = {}
         done = []
-        for number, case in enumerate(self._bar(mine, shown), start=1):
-            entry = self._one(case, claimed, echo=shown == "lines")
-            done.append(entry)
-            if shown == "lines":
-                print(case_line(entry, number, len(mine)), file=sys.stderr)
+        with ReadAhead(self._read_ahead, mine) as reader:
+            for number, case in enumerate(self._bar(mine, shown), start=1):
+                entry = self._one(case, claimed, echo=shown == "lines", ahead=reader.take(number - 1))
+                done.append(entry)
+                if shown == "lines":
+                    print(case_line(entry, number, len(mine)), file=sys.stderr)
         part = {"cases": done, "device": str(self.device), "threads": torch.get_num_threads()}
         parts = ranks.gather(part)
         if parts is None:
@@ -121,7 +131,20 @@ class BatchRunner:
 
         return named(tqdm(cases, desc=self.desc, unit="case"))
 
-    def _one(self, case: Case, claimed: dict, echo: bool) -> dict:
+    @property
+    def _read_ahead(self) -> Callable[[Case], object] | None:
+        read = getattr(self.work, "read_ahead", None)
+        if read is None:
+            return None
+
+        def unless_finished(case: Case):
+            if not self.overwrite and self.work.finished(case)[0] is None:
+                return None  # skipped at its turn: nothing to read
+            return read(case)
+
+        return unless_finished
+
+    def _one(self, case: Case, claimed: dict, echo: bool, ahead: Future | None = None) -> dict:
         entry = {"case": case.name, "input": str(case.image), "output": str(case.target)}
         owner = claimed.setdefault(str(case.target), str(case.image))
         if owner != str(case.image):
@@ -140,7 +163,7 @@ class BatchRunner:
                     entry["redone"] = redone
                     logger.warning("%s: exists but %s: segmenting the case again", case.target, redone)
                 with ResourceMonitor(self.device) as monitor:
-                    fields = self.work.process(case)
+                    fields = self.work.process(case, ahead.result()) if ahead else self.work.process(case)
                 entry.update(status="done", **monitor.usage.as_dict(), **fields)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -155,6 +178,34 @@ class BatchRunner:
         if warned.messages:
             entry["warnings"] = warned.messages
         return entry
+
+
+class ReadAhead:
+    """``read(case)`` of the case after the one taken, on one background thread: ``take(i)`` gives case ``i``'s
+    future (``None`` for the first case, which is read in its turn) and starts reading case ``i + 1``. With no
+    ``read`` or a single case nothing runs in the background."""
+
+    def __init__(self, read: Callable[[Case], object] | None, cases: Sequence[Case]):
+        self.read, self.cases = (read if len(cases) > 1 else None), list(cases)
+        self.futures: dict[int, Future] = {}
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> ReadAhead:
+        if self.read is not None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def take(self, index: int) -> Future | None:
+        if self.pool is None:
+            return None
+        following = index + 1
+        if following < len(self.cases):
+            self.futures[following] = self.pool.submit(self.read, self.cases[following])
+        return self.futures.pop(index, None)
 
 
 def case_line(case: dict, number: int, total: int) -> str:

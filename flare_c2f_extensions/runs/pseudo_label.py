@@ -117,10 +117,14 @@ class PseudoLabelWork:
             return "its input changed since it was labelled (another sha256)", {}
         return None, {"signals": stored}
 
-    def process(self, case) -> dict:
-        with InputWarnings() as warned:
+    def read_ahead(self, case) -> CT | None:
+        """The case's CT, its voxels decoded (a NIfTI file; a DICOM series is read in its turn)."""
+        return CT.open(case.image).decode() if Path(case.image).is_file() else None
+
+    def process(self, case, ahead: CT | None = None) -> dict:
+        with InputWarnings() as warned:  # the input's warnings (NaN voxels, ...) are logged here, not when read ahead
             sha256 = content_sha256(case.image)
-            ct = CT.open(case.image)
+            ct = ahead or CT.open(case.image)
             result = self.cascade.segment(ct, keep_confidence=True)
         signals = case_signals(result.labels, result.confidence, result.dropped, ct.affine)
         signals.update(input_sha256=sha256, input_warnings=list(warned.messages))

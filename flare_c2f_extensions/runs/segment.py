@@ -406,13 +406,23 @@ class SegmentWork:
         provenance = output_provenance_of(case.image, self.labels_options, self.wanted)
         return finished(case.target, provenance, case_outputs(case.target, **self.what)), {}
 
-    def process(self, case) -> dict:
+    def read_ahead(self, case) -> CT | None:
+        """The case's CT, its voxels decoded (a NIfTI file; a DICOM series is read in its turn)."""
+        if not Path(case.image).is_file():
+            return None
+        return self._open(case).decode()
+
+    def _open(self, case) -> CT:
+        """The case's CT, read once and used by every output (its HU kept for statistics and the preview)."""
+        return CT.open(case.image, keep_voxels=self.what["statistics"] or self.what["preview"])
+
+    def process(self, case, ahead: CT | None = None) -> dict:
         from flare_c2f_extensions.evaluation.quality import organ_quality
         from flare_c2f_extensions.io.files import output_provenance_of
         from flare_c2f_extensions.io.outputs import write_case
 
         provenance = output_provenance_of(case.image, self.labels_options, self.wanted)  # its hash is remembered
-        ct = CT.open(case.image, keep_voxels=self.what["statistics"] or self.what["preview"])  # read once, used by all
+        ct = ahead or self._open(case)
         labels, result = self.segmenter.labels(ct, keep_confidence=True)
         quality = organ_quality(labels, result, ct.affine, self.segmenter.organs, reference=self.reference)
         for name, organ in quality.items():
