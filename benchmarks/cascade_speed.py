@@ -168,7 +168,9 @@ def main() -> None:
             from startup import write_checkpoints
 
             write_checkpoints(Path(args.weights))
-            options["bundles_dir"] = args.weights
+            for name, bundle in STAGE_BUNDLES.items():  # the package's configs, these weights (as segment does it)
+                overrides = options.setdefault("stage_overrides", {}).setdefault(name, {})
+                overrides["ckpt_dir"] = str(Path(args.weights) / bundle / "models")
         if args.calibration:
             options["calibration"] = args.calibration
         cascade = Cascade.from_bundles(device=args.device, amp=amp, require_weights=False, **options)

@@ -16,6 +16,11 @@ for the command), so that weight loading and the OpenVINO cache (keyed by the ch
 trained weights. The first run of an OpenVINO cascade converts every stage and fills the cache; later runs read it.
 ``--first_calls`` times each stage's network pass twice in a fresh process (the first call's one-off set-up).
 
+``--separate``: no phases, and the warm case is measured in a child process too, as the second of two copies of the
+case in one ``segment`` run (its ``seconds`` in the run report; read ahead during the first copy, as in any batch).
+This process then holds no cascade while the fresh process runs: on this project's machine a fresh process started
+beside a warm benchmark process holding 4 to 5 GB ran 10 to 25% slower than the same command started alone.
+
     python benchmarks/startup.py --engine openvino        # run it twice: the second run is the usual one
     python benchmarks/startup.py --engine torch
 """
@@ -78,6 +83,30 @@ def run_cli(args) -> tuple[float, float]:
     subprocess.run([sys.executable, "-m", "flare_c2f_extensions", *command(args, args.out + "/cli.nii.gz")],
                    check=True, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started, _children_cpu() - cpu
+
+
+def warm_in_child(args) -> tuple[float, float, dict]:
+    """Wall and CPU seconds of the case when it is the second of two copies in one ``segment`` run, and its stages."""
+    folder = Path(args.out) / "warm_in"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("first_0000.nii.gz", "second_0000.nii.gz"):
+        copy = folder / name
+        if not copy.exists():
+            try:
+                os.link(args.case, copy)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(args.case, copy)
+    out = Path(args.out) / "warm_out"
+    command_line = command(args, str(out))
+    command_line[command_line.index("-i") + 1] = str(folder)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, "-m", "flare_c2f_extensions", *command_line], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    second = json.loads((out / "segment_report.json").read_text())["cases"][1]
+    assert second["case"] == "second" and second["status"] == "done", second
+    return second["seconds"], second["cpu_percent_seconds"] / 100, second.get("stage_seconds")
 
 
 def _children_cpu() -> float:
@@ -192,6 +221,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2, help="fresh-process runs, each followed by a warm case")
     parser.add_argument("--phases_only", action="store_true", help="no fresh-process runs: warm cases only")
     parser.add_argument("--first_calls", action="store_true", help="only time each stage's first and second pass")
+    parser.add_argument("--separate", action="store_true", help="warm cases in child processes too (see above)")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
@@ -203,6 +233,9 @@ def main() -> None:
     write_checkpoints(Path(args.weights))
     if args.first_calls:
         first_calls(args)
+    elif args.separate:
+        pairs = [(*run_cli(args), *warm_in_child(args)) for _ in range(args.pairs)]
+        report({"engine used": args.engine, "in-process whole": float("nan"), "first stages": None}, imports, pairs)
     else:
         totals, warm = run_phases(args, imports)
         pairs = []
@@ -222,16 +255,19 @@ def report(totals: dict, imports: tuple[float, float], pairs: list) -> None:
         totals["building" + kind] = totals.get("loading" + kind, 0.0) - others
     totals["imports"], totals["imports cpu"] = imports
     print(f"engine {totals['engine used']}, threads {torch.get_num_threads()}; wall s (CPU s, all threads)")
-    for key, label in [("imports", "imports (package, torch, monai)"), ("configs", "configs parsed"),
-                       ("building", "network building (and the rest)"), ("weights", "weight loading"),
-                       ("hashing", "checkpoint hashing"), ("engine", "engine set-up (OpenVINO)"),
-                       ("first case", "first case")]:
+    separate = "loading" not in totals
+    phases = [("imports", "imports (package, torch, monai)"), ("configs", "configs parsed"),
+              ("building", "network building (and the rest)"), ("weights", "weight loading"),
+              ("hashing", "checkpoint hashing"), ("engine", "engine set-up (OpenVINO)"), ("first case", "first case")]
+    for key, label in [] if separate else phases:
         print(f"  {label:33s} {totals.get(key, 0.0):7.2f} ({totals.get(key + ' cpu', 0.0):7.2f})")
-    print(f"  OpenVINO compile_model calls      {totals.get('compile', 0.0):7.2f}   (wall; cached models compile on a "
-          f"background thread during the first case)")
-    print(f"    first case stages {totals['first stages']}")
-    print(f"  in-process whole                  {totals['in-process whole']:7.2f}   (to the first case written)")
-    print("  pairs: fresh process (segment command, start to exit) | warm case in this process; wall and CPU s")
+    if not separate:
+        print(f"  OpenVINO compile_model calls      {totals.get('compile', 0.0):7.2f}   (wall; cached models compile "
+              f"on a background thread during the first case)")
+        print(f"    first case stages {totals['first stages']}")
+        print(f"  in-process whole                  {totals['in-process whole']:7.2f}   (to the first case written)")
+    where = "the second of two copies in one segment run" if separate else "this process"
+    print(f"  pairs: fresh process (segment command, start to exit) | warm case ({where}); wall and CPU s")
     for cli_wall, cli_cpu, warm_wall, warm_cpu, stages in pairs:
         print(f"    fresh {cli_wall:7.2f} wall {cli_cpu:7.2f} cpu | warm {warm_wall:7.2f} wall {warm_cpu:7.2f} cpu"
               f" | ratio {cli_wall / warm_wall:.2f} wall {cli_cpu / warm_cpu:.2f} cpu")
@@ -242,8 +278,9 @@ def report(totals: dict, imports: tuple[float, float], pairs: list) -> None:
         print(f"  fresh process / warm case (median of {len(pairs)} pairs): {wall:.2f} wall, {cpu:.2f} CPU")
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"  peak RSS of a fresh process (the largest of them): {peak:.0f} MB")
-        print(f"  in-process whole / median warm case: "
-              f"{totals['in-process whole'] / statistics.median(p[2] for p in pairs):.2f} wall")
+        if not separate:
+            print(f"  in-process whole / median warm case: "
+                  f"{totals['in-process whole'] / statistics.median(p[2] for p in pairs):.2f} wall")
 
 
 if __name__ == "__main__":
