@@ -230,8 +230,8 @@ class CT:
 
     def __init__(self, path: str | os.PathLike, geometry: Geometry, keep_voxels: bool = False):
         self.path, self.geometry, self.keep_voxels = Path(path), geometry, keep_voxels
-        self._voxels: np.ndarray | None = None
-        self._sanitised = False  # whether _voxels went through _sanitise_hu
+        self._voxels: np.ndarray | None = None  # kept HU (keep_voxels)
+        self._decoded: np.ndarray | None = None  # decoded ahead (decode), handed to the next hu() call
 
     @classmethod
     def open(cls, source: str | os.PathLike | CT, keep_voxels: bool = False, what: str = "image") -> CT:
@@ -258,18 +258,23 @@ class CT:
     def hu(self) -> np.ndarray:
         """The voxels in HU (float32, or int16 as stored; the file's own layout, 3D), decoded on the first call (or
         by :meth:`decode` ahead of it)."""
-        if self._voxels is not None and self._sanitised:
+        if self._voxels is not None:
             return self._voxels
-        data = self._voxels if self._voxels is not None else read_voxels(self.path, self.geometry)[0]
+        if self._decoded is not None:
+            data, self._decoded = self._decoded, None
+        else:
+            data = read_voxels(self.path, self.geometry)[0]
         data = _sanitise_hu(self.path, data)  # here, not in decode: its warnings belong to the case being run
-        self._voxels, self._sanitised = (data, True) if self.keep_voxels else (None, False)
+        if self.keep_voxels:
+            self._voxels = data
         return data
 
     def decode(self) -> CT:
-        """Decode the voxels now and hold them for :meth:`hu`, which hands them over (and keeps them only with
-        ``keep_voxels``). Logs nothing, so that it can run on another thread, ahead of the case's turn."""
-        if self._voxels is None:
-            self._voxels, self._sanitised = read_voxels(self.path, self.geometry)[0], False
+        """Decode a NIfTI file's voxels now, for :meth:`hu`; logs nothing, so that it can run on another thread
+        ahead of the case's turn. A DICOM series is left to :meth:`hu`: its reader warns (a modality other than
+        CT), and a warning belongs to its case's turn."""
+        if self._voxels is None and self._decoded is None and self.path.is_file():
+            self._decoded = read_voxels(self.path, self.geometry)[0]
         return self
 
 

@@ -117,9 +117,9 @@ class PseudoLabelWork:
             return "its input changed since it was labelled (another sha256)", {}
         return None, {"signals": stored}
 
-    def read_ahead(self, case) -> CT | None:
-        """The case's CT, its voxels decoded (a NIfTI file; a DICOM series is read in its turn)."""
-        return CT.open(case.image).decode() if Path(case.image).is_file() else None
+    def read_ahead(self, case) -> CT:
+        """The case's CT, its voxels decoded (:meth:`CT.decode`)."""
+        return CT.open(case.image).decode()
 
     def process(self, case, ahead: CT | None = None) -> dict:
         with InputWarnings() as warned:  # the input's warnings (NaN voxels, ...) are logged here, not when read ahead

@@ -406,10 +406,8 @@ class SegmentWork:
         provenance = output_provenance_of(case.image, self.labels_options, self.wanted)
         return finished(case.target, provenance, case_outputs(case.target, **self.what)), {}
 
-    def read_ahead(self, case) -> CT | None:
-        """The case's CT, its voxels decoded (a NIfTI file; a DICOM series is read in its turn)."""
-        if not Path(case.image).is_file():
-            return None
+    def read_ahead(self, case) -> CT:
+        """The case's CT, its voxels decoded (:meth:`CT.decode`)."""
         return self._open(case).decode()
 
     def _open(self, case) -> CT:
