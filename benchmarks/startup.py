@@ -235,7 +235,7 @@ def main() -> None:
         first_calls(args)
     elif args.separate:
         pairs = [(*run_cli(args), *warm_in_child(args)) for _ in range(args.pairs)]
-        report({"engine used": args.engine, "in-process whole": float("nan"), "first stages": None}, imports, pairs)
+        report({"engine used": args.engine}, imports, pairs, separate=True)
     else:
         totals, warm = run_phases(args, imports)
         pairs = []
@@ -247,7 +247,7 @@ def main() -> None:
     os._exit(0)  # skip interpreter teardown: not part of the figures
 
 
-def report(totals: dict, imports: tuple[float, float], pairs: list) -> None:
+def report(totals: dict, imports: tuple[float, float], pairs: list, separate: bool = False) -> None:
     import torch
 
     for kind in ("", " cpu"):
@@ -255,7 +255,6 @@ def report(totals: dict, imports: tuple[float, float], pairs: list) -> None:
         totals["building" + kind] = totals.get("loading" + kind, 0.0) - others
     totals["imports"], totals["imports cpu"] = imports
     print(f"engine {totals['engine used']}, threads {torch.get_num_threads()}; wall s (CPU s, all threads)")
-    separate = "loading" not in totals
     phases = [("imports", "imports (package, torch, monai)"), ("configs", "configs parsed"),
               ("building", "network building (and the rest)"), ("weights", "weight loading"),
               ("hashing", "checkpoint hashing"), ("engine", "engine set-up (OpenVINO)"), ("first case", "first case")]
