@@ -102,7 +102,7 @@ class BatchRunner:
         shown = self.progress if ranks.rank == 0 else None
         claimed: dict[str, str] = {}
         done = []
-        with ReadAhead(self._read_ahead, mine) as reader:
+        with ReadAhead(self._read_ahead if hasattr(self.work, "read_ahead") else None, mine) as reader:
             for number, case in enumerate(self._bar(mine, shown), start=1):
                 entry = self._one(case, claimed, echo=shown == "lines", ahead=reader.take(number - 1))
                 done.append(entry)
@@ -131,18 +131,10 @@ class BatchRunner:
 
         return named(tqdm(cases, desc=self.desc, unit="case"))
 
-    @property
-    def _read_ahead(self) -> Callable[[Case], object] | None:
-        read = getattr(self.work, "read_ahead", None)
-        if read is None:
-            return None
-
-        def unless_finished(case: Case):
-            if not self.overwrite and self.work.finished(case)[0] is None:
-                return None  # skipped at its turn: nothing to read
-            return read(case)
-
-        return unless_finished
+    def _read_ahead(self, case: Case):
+        if not self.overwrite and self.work.finished(case)[0] is None:
+            return None  # skipped at its turn: nothing to read
+        return self.work.read_ahead(case)
 
     def _one(self, case: Case, claimed: dict, echo: bool, ahead: Future | None = None) -> dict:
         entry = {"case": case.name, "input": str(case.image), "output": str(case.target)}
