@@ -1,15 +1,20 @@
 """Time the whole cascade at the paper's network size on a generated clinical-size CT.
 
-Speed does not depend on the weights, so random (He-normal) weights give honest timings, with one exception:
-the boxes. A random coarse network labels noise all over the volume, so every box would be the whole volume;
-with ``--guides truth`` (the default) the coarse stage and the locator still run their networks (timed) but
-then hand on the phantom's ground truth as their mask, so every box has the size a trained cascade gives it.
+Speed does not depend on the weights, so random (He-normal) weights give honest timings of the networks, with two
+exceptions. The boxes: a random coarse network labels noise all over the volume, so every box would be the whole
+volume; with ``--guides truth`` (the default) the coarse stage and the locator still run their networks (timed) but
+then hand on the phantom's ground truth as their mask, so every box has the size a trained cascade gives it. And the
+work after the groups and refiners: random logits make every voxel a near-tie and every organ thousands of
+fragments, which costs the fusion and the largest-component step more than trained outputs do; with ``--outputs
+truth`` they too run (timed) and then hand on the truth's logits. ``--stub truth`` skips the networks and times
+only that work around them.
 Prints seconds per stage split into the network's time and the time around it (crop and resize, resize back and
 fusion, reading, largest components), the total, peak RSS and, on CUDA, peak GPU memory.
 
     python benchmarks/cascade_speed.py                      # 512x512x300, 0.8x0.8x1.5 mm, best device
     python benchmarks/cascade_speed.py --device cpu --amp true --repeats 2 --engine openvino
     python benchmarks/cascade_speed.py --case /tmp/bench   # keep the generated CT there and reuse it
+    python benchmarks/cascade_speed.py --device cpu --outputs truth   # fusion and components as trained weights
     python benchmarks/cascade_speed.py --weights /tmp/w --engine openvino-int8 --calibration /tmp/bench
 
 ``--weights DIR`` saves the random paper-size weights there once as checkpoints (``startup.py`` does the same), so
@@ -44,9 +49,7 @@ from flare_c2f_extensions.transforms.resizing import resize_spatial
 
 def use_truth_as_guides(cascade: Cascade, case) -> None:
     """The coarse stage and the locator run (and are timed) as usual, then pass on the ground truth instead."""
-    ornt = nib.orientations.io_orientation(case.affine)
-    truth = torch.from_numpy(np.ascontiguousarray(nib.orientations.apply_orientation(case.label, ornt)))
-    truth = truth.to(cascade.device)
+    truth = _ras_truth(cascade, case)
     coarse_predict, locate = cascade.coarse.predict, cascade._locate
     # made once here, so that the benchmark's own work does not count as the cascade's
     on_grid = resize_spatial(truth[None], cascade.coarse.spatial_size, "nearest")[0].long()
@@ -106,12 +109,63 @@ class StubNetwork:
         return self.logits
 
 
+class TruthOutputs:
+    """A group's or refiner's logits taken from the ground truth in the stage's box: organs where the truth has them,
+    soft only at their borders, as a trained network hands them on. Random weights instead make every voxel a
+    near-tie and every organ a cloud of fragments, which inflates the fusion and the largest-component step.
+
+    ``network``: the stage's own network (or engine), still run and timed on each call (``--outputs truth``);
+    ``None``: no network at all (``--stub truth``). The truth's logits are made once per box (the warm-up case), so
+    that the benchmark's own work does not count as the cascade's."""
+
+    def __init__(self, stage, truth: torch.Tensor, network=None):
+        self.stage, self.truth, self.network, self.box, self.made = stage, truth, network, None, {}
+        compute_box = stage.cropper.compute_box
+
+        def remember(*args, **kwargs):
+            self.box = compute_box(*args, **kwargs)
+            return self.box
+
+        stage.cropper.compute_box = remember
+
+    def __call__(self, x):
+        from flare_c2f_extensions.transforms.resizing import crop_resize, soft_labels
+
+        if self.network is not None:
+            self.network(x)
+        key = repr(self.box)
+        if key not in self.made:
+            one_hot = soft_labels(self.truth[None], self.stage.labels)
+            probs = crop_resize(one_hot, self.box, self.stage.spatial_size, "trilinear")
+            self.made[key] = torch.log(probs.mul_(0.98).add_(0.02 / probs.shape[0]))[None]
+        return self.made[key]
+
+
 def stub_networks(cascade: Cascade) -> None:
+    """Replace every stage's network by fixed random logits."""
     for stage in [cascade.coarse, *cascade.groups, cascade.locator, *cascade.refiners]:
         if stage is not None:
             stage.network = StubNetwork(stage)
             if getattr(stage, "engine", None) is not None:
                 stage.engine = stage.network
+
+
+def hand_on_truth(cascade: Cascade, case, run_networks: bool = True) -> None:
+    """The groups and refiners hand on the truth's logits (:class:`TruthOutputs`), after their (timed) network ran
+    or, without ``run_networks``, instead of it. With ``--guides truth`` the coarse stage and the locator do the
+    same, so that every step after a network sees what trained networks give it."""
+    truth = _ras_truth(cascade, case)
+    for stage in [*cascade.groups, *cascade.refiners]:
+        network = (stage.engine or stage.network) if run_networks else None
+        stage.network = TruthOutputs(stage, truth, network)
+        if stage.engine is not None:
+            stage.engine = stage.network
+
+
+def _ras_truth(cascade: Cascade, case) -> torch.Tensor:
+    ornt = nib.orientations.io_orientation(case.affine)
+    truth = torch.from_numpy(np.ascontiguousarray(nib.orientations.apply_orientation(case.label, ornt)))
+    return truth.to(cascade.device)
 
 
 def write_case(folder: Path, shape, spacing):
@@ -140,16 +194,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="cases timed after one warm-up")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--guides", default="truth", choices=["truth", "network"], help="see the docstring")
+    parser.add_argument("--outputs", default="network", choices=["truth", "network"], help="truth: the groups and "
+                        "refiners run (timed) and then hand on the ground truth's logits, so that fusion and the "
+                        "largest-component step work on what trained networks give them (needs --guides truth)")
     parser.add_argument("--engine", default=None, help="torch, openvino or auto (default: the package's default)")
     parser.add_argument("--case", default=None, help="folder to keep the generated CT in (default: a temporary one)")
     parser.add_argument("--weights", default=None, help="folder of random paper-size checkpoints, written once "
                         "(a --bundles_dir): engines are cached as with trained weights")
     parser.add_argument("--calibration", default=None, help="CTs that calibrate --engine openvino-int8")
-    parser.add_argument("--stub", action="store_true", help="fixed random logits instead of the networks: only "
-                        "the time around them (reading, crops, resizes, fusion, largest components) is spent")
+    parser.add_argument("--stub", nargs="?", const="random", choices=["random", "truth"], default=None,
+                        help="no networks, only the time around them (reading, crops, resizes, fusion, largest "
+                        "components): fixed random logits, or (truth) the ground truth's logits in each box, as "
+                        "trained networks give them (random logits make every voxel a near-tie and every organ a "
+                        "cloud of fragments)")
     parser.add_argument("--channels", default=None, help="network widths, e.g. 4,8,8,8,8: tiny networks, to time "
                         "the work around them quickly (default: the paper's size)")
     args = parser.parse_args()
+    if (args.outputs == "truth" or args.stub == "truth") and args.guides != "truth":
+        parser.error("--outputs truth and --stub truth need --guides truth (the truth's boxes)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -179,6 +241,8 @@ def main() -> None:
         if args.guides == "truth":
             use_truth_as_guides(cascade, case)
         network_seconds = time_networks(cascade, args.device)
+        if args.outputs == "truth" or args.stub == "truth":
+            hand_on_truth(cascade, case, run_networks=not args.stub)
         cascade.segment(path)  # warm-up: allocator, kernels, cudnn autotuning
         runs = []
         for _ in range(args.repeats):

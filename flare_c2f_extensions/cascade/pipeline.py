@@ -338,7 +338,10 @@ class Cascade:
         return _guide(_argmax_channel(probs[0], self.locator.labels), affine)
 
 
-FUSE_SLAB_VOXELS = 2**22  # voxels of a box resized and fused at a time, per channel: about 16 MB a channel
+# Voxels of a box resized and fused at a time, per channel (4 MB of float32). A slab's work arrays then stay under
+# glibc's largest mmap threshold (32 MB), so each slab reuses the heap's pages instead of mapping fresh ones and
+# faulting them in: the liver group's box fused in 0.18 s instead of 0.31 s with 16 MB a channel.
+FUSE_SLAB_VOXELS = 2**20
 
 
 class CascadeInferer(Inferer):
