@@ -6,8 +6,8 @@ volume; with ``--guides truth`` (the default) the coarse stage and the locator s
 then hand on the phantom's ground truth as their mask, so every box has the size a trained cascade gives it. And the
 work after the groups and refiners: random logits make every voxel a near-tie and every organ thousands of
 fragments, which costs the fusion and the largest-component step more than trained outputs do; with ``--outputs
-truth`` they too run (timed) and then hand on the truth's logits. ``--stub truth`` skips the networks and times
-only that work around them.
+truth`` they too run (timed) and then hand on the truth's logits; with ``--stub`` as well, no network runs and only
+that work around them is timed.
 Prints seconds per stage split into the network's time and the time around it (crop and resize, resize back and
 fusion, reading, largest components), the total, peak RSS and, on CUDA, peak GPU memory.
 
@@ -44,7 +44,7 @@ from flare_c2f_extensions.labels import GROUPS
 from flare_c2f_extensions.paths import STAGE_BUNDLES
 from flare_c2f_extensions.runs.resources import ResourceMonitor
 from flare_c2f_extensions.synthetic.phantom import make_case
-from flare_c2f_extensions.transforms.resizing import resize_spatial
+from flare_c2f_extensions.transforms.resizing import crop_resize, resize_spatial, soft_labels
 
 
 def use_truth_as_guides(cascade: Cascade, case) -> None:
@@ -115,8 +115,8 @@ class TruthOutputs:
     near-tie and every organ a cloud of fragments, which inflates the fusion and the largest-component step.
 
     ``network``: the stage's own network (or engine), still run and timed on each call (``--outputs truth``);
-    ``None``: no network at all (``--stub truth``). The truth's logits are made once per box (the warm-up case), so
-    that the benchmark's own work does not count as the cascade's."""
+    ``None``: no network at all (``--stub --outputs truth``). The truth's logits are made once per box (in the
+    warm-up case), so that the benchmark's own work does not count as the cascade's."""
 
     def __init__(self, stage, truth: torch.Tensor, network=None):
         self.stage, self.truth, self.network, self.box, self.made = stage, truth, network, None, {}
@@ -129,8 +129,6 @@ class TruthOutputs:
         stage.cropper.compute_box = remember
 
     def __call__(self, x):
-        from flare_c2f_extensions.transforms.resizing import crop_resize, soft_labels
-
         if self.network is not None:
             self.network(x)
         key = repr(self.box)
@@ -202,16 +200,14 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="folder of random paper-size checkpoints, written once "
                         "(a --bundles_dir): engines are cached as with trained weights")
     parser.add_argument("--calibration", default=None, help="CTs that calibrate --engine openvino-int8")
-    parser.add_argument("--stub", nargs="?", const="random", choices=["random", "truth"], default=None,
-                        help="no networks, only the time around them (reading, crops, resizes, fusion, largest "
-                        "components): fixed random logits, or (truth) the ground truth's logits in each box, as "
-                        "trained networks give them (random logits make every voxel a near-tie and every organ a "
-                        "cloud of fragments)")
+    parser.add_argument("--stub", action="store_true", help="fixed random logits instead of the networks (with "
+                        "--outputs truth, the truth's): only the time around them (reading, crops, resizes, fusion, "
+                        "largest components) is spent")
     parser.add_argument("--channels", default=None, help="network widths, e.g. 4,8,8,8,8: tiny networks, to time "
                         "the work around them quickly (default: the paper's size)")
     args = parser.parse_args()
-    if (args.outputs == "truth" or args.stub == "truth") and args.guides != "truth":
-        parser.error("--outputs truth and --stub truth need --guides truth (the truth's boxes)")
+    if args.outputs == "truth" and args.guides != "truth":
+        parser.error("--outputs truth needs --guides truth (the truth's boxes)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -241,7 +237,7 @@ def main() -> None:
         if args.guides == "truth":
             use_truth_as_guides(cascade, case)
         network_seconds = time_networks(cascade, args.device)
-        if args.outputs == "truth" or args.stub == "truth":
+        if args.outputs == "truth":
             hand_on_truth(cascade, case, run_networks=not args.stub)
         cascade.segment(path)  # warm-up: allocator, kernels, cudnn autotuning
         runs = []
